@@ -1,0 +1,240 @@
+//! Agents: the AIs that answer chat messages, and the reply strategy that decides whether they
+//! answer at all.
+//!
+//! # Layout
+//!
+//! - [`Agent`]: the trait every kind implements; a new kind is one file implementing it plus a
+//!   line in [`Kinds::builtin`] (or, outside this crate, a [`Kinds::with`]).
+//! - [`strategy`]: [`ReplyStrategy`], the per-agent rules that turn a message into a reply or a
+//!   `resp_code` 10 with a reason code.
+//! - [`echo`]: the built-in `echo` kind every new app starts with.
+//! - [`rules`]: the built-in `rules` kind: keyword and regular-expression rules with reply
+//!   templates.
+
+pub mod echo;
+pub mod rules;
+pub mod strategy;
+
+use std::collections::HashMap;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use iagent_protocol::{ContentType, Message};
+
+pub use strategy::{NoReply, ReplyStrategy};
+
+/// A boxed future, so that [`Agent`] stays object safe.
+pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// What an agent is asked: the message and the conversation so far.
+#[derive(Debug, Clone, Copy)]
+pub struct Turn<'a> {
+    /// The message to answer.
+    pub message: &'a Message,
+    /// Earlier messages of the conversation, oldest first (both directions).
+    pub history: &'a [Message],
+}
+
+/// What an agent answers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Reply {
+    /// A reply: becomes `resp_code` 0.
+    Content {
+        /// What `content` holds.
+        content_type: ContentType,
+        /// The reply text, or file ids for media.
+        content: String,
+    },
+    /// The agent decided not to reply: becomes `resp_code` 10 with this reason code.
+    Declined(String),
+    /// The reply comes later: the agent's side pushes it (`POST /api/v1/messages` with
+    /// `ref_msg_id`), and that push becomes the message's one response. A message whose reply is
+    /// not pushed by its deadline is answered with 50.
+    Deferred,
+}
+
+/// Why an agent could not answer: becomes `resp_code` 50 with this text as the cause.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum AgentError {
+    /// The agent did not answer within its deadline.
+    #[error("agent {agent} did not answer within {}", humanize(*deadline))]
+    Timeout {
+        /// The agent.
+        agent: String,
+        /// The deadline.
+        deadline: std::time::Duration,
+    },
+    /// The agent failed; the text is the cause as the agent (or its provider) gave it.
+    #[error("agent {agent} failed: {cause}")]
+    Failed {
+        /// The agent.
+        agent: String,
+        /// The cause.
+        cause: String,
+    },
+}
+
+/// A deadline in the words of a 50 response: `10 s`, `250 ms`.
+fn humanize(deadline: std::time::Duration) -> String {
+    if deadline.subsec_millis() == 0 {
+        format!("{} s", deadline.as_secs())
+    } else {
+        format!("{} ms", deadline.as_millis())
+    }
+}
+
+/// An agent of an app.
+pub trait Agent: Send + Sync + 'static {
+    /// The agent's id, unique within its app.
+    fn id(&self) -> &str;
+    /// When it replies.
+    fn strategy(&self) -> &ReplyStrategy;
+    /// Answers one message. Called only when the strategy said yes.
+    fn reply<'a>(&'a self, turn: Turn<'a>) -> BoxFuture<'a, Result<Reply, AgentError>>;
+    /// How many earlier messages of the conversation the agent wants in [`Turn::history`]. The
+    /// gateway reads them from the store only for agents that want some (at most
+    /// [`MAX_HISTORY`]), so agents that answer from the message alone cost no read.
+    fn history_len(&self) -> usize {
+        0
+    }
+}
+
+/// The most earlier messages an agent can be given: bounds the read and the memory of one turn.
+pub const MAX_HISTORY: usize = 200;
+
+/// Why an agent could not be built from its stored configuration.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum BuildError {
+    /// No such kind.
+    #[error("agent {id}: unknown kind \"{kind}\"")]
+    UnknownKind {
+        /// The agent.
+        id: String,
+        /// The kind asked for.
+        kind: String,
+    },
+    /// The configuration does not fit the kind.
+    #[error("agent {id}: invalid configuration: {reason}")]
+    InvalidConfig {
+        /// The agent.
+        id: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// Reads an agent kind's JSON configuration, which must be an object.
+///
+/// serde would also read a JSON array as a struct (its fields in order), so a configuration is
+/// first required to be an object; every kind parses its configuration through here.
+pub fn parse_config<T: serde::de::DeserializeOwned>(config: &str) -> Result<T, String> {
+    let object: serde_json::Map<String, serde_json::Value> = serde_json::from_str(config)
+        .map_err(|err| format!("configuration must be a JSON object: {err}"))?;
+    T::deserialize(serde_json::Value::Object(object)).map_err(|err| err.to_string())
+}
+
+/// Makes an agent of one kind from its id and JSON configuration; `Err` says what is wrong
+/// with the configuration.
+pub type Builder = dyn Fn(&str, &str) -> Result<Arc<dyn Agent>, String> + Send + Sync;
+
+/// The agent kinds a gateway knows, by name. [`Kinds::builtin`] has the kinds this crate
+/// ships; embedders and tests add their own with [`Kinds::with`].
+#[derive(Clone)]
+pub struct Kinds {
+    builders: HashMap<String, Arc<Builder>>,
+}
+
+impl fmt::Debug for Kinds {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mut names: Vec<_> = self.builders.keys().collect();
+        names.sort();
+        f.debug_struct("Kinds").field("kinds", &names).finish()
+    }
+}
+
+impl Default for Kinds {
+    fn default() -> Self {
+        Self::builtin()
+    }
+}
+
+impl Kinds {
+    /// The kinds built into iagent.
+    pub fn builtin() -> Self {
+        let kinds = Self {
+            builders: HashMap::new(),
+        };
+        kinds
+            .with(echo::KIND, |id, config| {
+                Ok(Arc::new(echo::Echo::from_config(id, config)?) as Arc<dyn Agent>)
+            })
+            .with(rules::KIND, |id, config| {
+                Ok(Arc::new(rules::Rules::from_config(id, config)?) as Arc<dyn Agent>)
+            })
+    }
+
+    /// Adds (or replaces) a kind.
+    pub fn with(
+        mut self,
+        kind: impl Into<String>,
+        builder: impl Fn(&str, &str) -> Result<Arc<dyn Agent>, String> + Send + Sync + 'static,
+    ) -> Self {
+        self.builders.insert(kind.into(), Arc::new(builder));
+        self
+    }
+
+    /// Builds agent `id` of `kind` from its JSON configuration.
+    pub fn build(&self, id: &str, kind: &str, config: &str) -> Result<Arc<dyn Agent>, BuildError> {
+        let builder = self
+            .builders
+            .get(kind)
+            .ok_or_else(|| BuildError::UnknownKind {
+                id: id.to_owned(),
+                kind: kind.to_owned(),
+            })?;
+        builder(id, config).map_err(|reason| BuildError::InvalidConfig {
+            id: id.to_owned(),
+            reason,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn builtin_kinds_build_and_unknown_kinds_are_named() {
+        let kinds = Kinds::builtin();
+        assert_eq!(
+            kinds.build("e", "echo", "{}").map(|a| a.id().to_owned()),
+            Ok("e".into())
+        );
+        assert!(matches!(
+            kinds.build("e", "echo", "[]"),
+            Err(BuildError::InvalidConfig { .. })
+        ));
+        assert_eq!(
+            kinds.build("x", "telepathy", "{}").err(),
+            Some(BuildError::UnknownKind {
+                id: "x".into(),
+                kind: "telepathy".into()
+            })
+        );
+    }
+
+    #[test]
+    fn added_kinds_are_built_by_their_builder() {
+        let kinds = Kinds::builtin().with("loud", |id, _| {
+            Ok(Arc::new(echo::Echo::new(id.to_uppercase())))
+        });
+        assert_eq!(
+            kinds
+                .build("shout", "loud", "{}")
+                .map(|a| a.id().to_owned()),
+            Ok("SHOUT".into())
+        );
+    }
+}

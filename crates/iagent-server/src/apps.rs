@@ -1,0 +1,504 @@
+//! Per-app state: the app's pool of connections, its agents, the messages it has in flight and
+//! their conversation queues, and its outbox bookkeeping.
+//!
+//! Everything an app does touches only its own [`AppState`], which is how apps stay isolated:
+//! a response is only ever routed through the pool of the app whose message it answers.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use iagent_agent::{Agent, Kinds};
+use iagent_protocol::{ChatType, ContentType, Message, Violation};
+use iagent_store::{AgentRecord, App};
+use tokio::sync::mpsc;
+
+use crate::conversation::{ConversationKey, Job};
+use crate::rate::RateLimit;
+use crate::session::Outbound;
+
+/// Identifies one connection for the life of the process.
+pub(crate) type ConnId = u64;
+
+/// A connection of an app, as the router sees it.
+#[derive(Debug, Clone)]
+pub(crate) struct PoolMember {
+    pub(crate) id: ConnId,
+    pub(crate) frames: mpsc::Sender<Outbound>,
+    /// Whether it takes the pool's traffic (responses rerouted from other connections, the
+    /// outbox). A direct connection (`pool=false`, for tools) gets only its own responses.
+    pub(crate) shared: bool,
+}
+
+/// The agents of an app, and which one answers by default.
+pub(crate) struct AgentSet {
+    default: String,
+    agents: HashMap<String, Arc<dyn Agent>>,
+}
+
+impl AgentSet {
+    /// Builds the app's agents; one whose configuration is broken is left out and logged, so
+    /// that it fails its own messages (unknown agent) rather than the whole app.
+    pub(crate) fn build(app: &App, records: &[AgentRecord], kinds: &Kinds) -> Self {
+        let agents = records
+            .iter()
+            .filter_map(
+                |record| match kinds.build(&record.id, &record.kind, &record.config) {
+                    Ok(agent) => Some((record.id.clone(), agent)),
+                    Err(err) => {
+                        tracing::error!(app = %app.name, error = %err, "agent left out");
+                        None
+                    }
+                },
+            )
+            .collect();
+        Self {
+            default: app.default_agent.clone(),
+            agents,
+        }
+    }
+
+    /// Whether the app has an agent with this id.
+    pub(crate) fn contains(&self, id: &str) -> bool {
+        self.agents.contains_key(id)
+    }
+
+    /// The agent that answers `message` (`docs/protocol.md`, "Which agent answers").
+    ///
+    /// `Err(Some(_))` is a 40 (a private message to an agent the app does not have);
+    /// `Err(None)` means the app's default agent is missing, a configuration fault (50).
+    pub(crate) fn resolve(&self, message: &Message) -> Result<Arc<dyn Agent>, Option<Violation>> {
+        let named = message.receiver_id.as_deref();
+        let id = match (message.chat_type, named) {
+            (ChatType::Private, Some(id)) => {
+                return self
+                    .agents
+                    .get(id)
+                    .cloned()
+                    .ok_or_else(|| Some(Violation::UnknownAgent(id.into())));
+            }
+            (ChatType::Group, Some(id)) if self.contains(id) => id,
+            (ChatType::Group, _) => self.mentioned(message).unwrap_or(&self.default),
+            (ChatType::Private, None) => self.default.as_str(),
+        };
+        self.agents.get(id).cloned().ok_or(None)
+    }
+
+    /// The first of the app's agents that a text message mentions as `@id`, so that in a group
+    /// the addressed agent answers rather than the default one.
+    fn mentioned<'a>(&'a self, message: &'a Message) -> Option<&'a str> {
+        if message.content_type != ContentType::Text {
+            return None;
+        }
+        let is_id_char = |c: char| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.');
+        message.content.match_indices('@').find_map(|(at, _)| {
+            let rest = &message.content[at + 1..];
+            let token = &rest[..rest.find(|c: char| !is_id_char(c)).unwrap_or(rest.len())];
+            // "@helper." ends a sentence: the dot is not part of the id.
+            [token, token.trim_end_matches('.')]
+                .into_iter()
+                .find(|id| self.contains(id))
+        })
+    }
+
+    /// The default agent's id.
+    pub(crate) fn default_id(&self) -> &str {
+        &self.default
+    }
+}
+
+/// Outbox bookkeeping of one app. The entries themselves live in the store.
+#[derive(Debug, Default)]
+pub(crate) struct OutboxState {
+    /// Held by the one task draining the outbox, so entries go out once and in order.
+    pub(crate) draining: tokio::sync::Mutex<()>,
+    /// Set while a drain waits for its turn: one waiting drain covers every entry stored
+    /// before it starts, so further requests need not queue another.
+    pub(crate) queued: AtomicBool,
+    /// Entries handed to a connection and not yet written: a drain skips them.
+    pub(crate) in_transit: Mutex<HashSet<i64>>,
+    depth: AtomicI64,
+}
+
+impl OutboxState {
+    /// Entries waiting, as far as this process knows.
+    pub(crate) fn depth(&self) -> u64 {
+        u64::try_from(self.depth.load(Ordering::Relaxed)).unwrap_or(0)
+    }
+
+    pub(crate) fn add_depth(&self, delta: i64) {
+        self.depth.fetch_add(delta, Ordering::Relaxed);
+    }
+
+    pub(crate) fn in_transit(&self) -> MutexGuard<'_, HashSet<i64>> {
+        lock(&self.in_transit)
+    }
+}
+
+/// A message being processed.
+#[derive(Debug)]
+struct Pending {
+    /// Where its response goes: the connection it came in on, or the one that resent it last.
+    origin: ConnId,
+    /// Its sender, whose count in [`InFlight::by_sender`] it holds.
+    sender: String,
+}
+
+/// The messages an app has in processing, by `msg_id` and counted by sender, and those whose
+/// agent deferred its reply. One lock covers both, so a message moves from one to the other
+/// without a moment in which a resend would find it in neither.
+#[derive(Debug, Default)]
+struct InFlight {
+    by_msg: HashMap<String, Pending>,
+    by_sender: HashMap<String, usize>,
+    deferred: HashMap<String, Deferred>,
+}
+
+impl InFlight {
+    fn finish(&mut self, msg_id: &str) -> Option<Pending> {
+        let pending = self.by_msg.remove(msg_id)?;
+        if let Some(count) = self.by_sender.get_mut(&pending.sender) {
+            *count -= 1;
+            if *count == 0 {
+                self.by_sender.remove(&pending.sender);
+            }
+        }
+        Some(pending)
+    }
+}
+
+/// A message whose agent will push its reply (`POST /api/v1/messages` with `ref_msg_id`).
+/// It holds no in-flight place meanwhile: waiting on an agent's side must not stall the
+/// connection or the sender.
+#[derive(Debug, Clone)]
+pub(crate) struct Deferred {
+    /// The inbound message.
+    pub(crate) message: Message,
+    /// The agent that deferred; only it may push the reply.
+    pub(crate) agent: String,
+    /// Where the reply goes: the connection the message came in on or was last resent on.
+    pub(crate) origin: Option<ConnId>,
+    /// When it is answered with 50 instead, in ms since the Unix epoch.
+    pub(crate) until_ms: i64,
+}
+
+/// The in-flight limits [`AppState::begin`] applies.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct InFlightLimits {
+    pub(crate) per_app: usize,
+    pub(crate) per_sender: usize,
+}
+
+/// Everything the gateway holds for one app.
+pub(crate) struct AppState {
+    /// The app's name, its id in logs and metrics.
+    pub(crate) name: String,
+    /// The app's agents.
+    pub(crate) agents: RwLock<Arc<AgentSet>>,
+    /// The store's `agents_version` the agents were built from.
+    agents_version: AtomicU64,
+    /// The open connections, in the order they opened.
+    pool: Mutex<Vec<PoolMember>>,
+    /// Connections admitted (upgrading or open), held against the per-app limit.
+    admitted: AtomicUsize,
+    /// Round-robin cursor for picking "another connection".
+    cursor: AtomicUsize,
+    /// Messages in flight: a duplicate arriving meanwhile is not processed twice.
+    in_flight: Mutex<InFlight>,
+    /// Per-conversation queues; a conversation is present exactly while its worker runs.
+    conversations: Mutex<HashMap<ConversationKey, VecDeque<Job>>>,
+    /// Outbox bookkeeping.
+    pub(crate) outbox: OutboxState,
+    /// The app's message rate limit, if it has one.
+    pub(crate) rate: Option<RateLimit>,
+    /// Counters for `/metrics`.
+    pub(crate) counters: crate::metrics::AppCounters,
+}
+
+/// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical section
+/// here leaves its map consistent at each step, so the data is still sound.
+pub(crate) fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// A place in an app's connection limit, given back when dropped.
+pub(crate) struct Admission(Arc<AppState>);
+
+impl Drop for Admission {
+    fn drop(&mut self) {
+        self.0.admitted.fetch_sub(1, Ordering::AcqRel);
+    }
+}
+
+/// What became of a message offered to [`AppState::begin`].
+pub(crate) enum Begin {
+    /// Its processing is ours: it has been queued.
+    Queued,
+    /// The same `msg_id` is being processed: its one response will follow on this connection.
+    Duplicate,
+    /// The app is at its in-flight limit.
+    Overloaded(Box<Job>),
+    /// The message's sender is at its in-flight limit.
+    SenderBusy(Box<Job>),
+}
+
+impl AppState {
+    pub(crate) fn new(app: &App, agents: AgentSet, rate: Option<RateLimit>) -> Self {
+        Self {
+            name: app.name.clone(),
+            agents: RwLock::new(Arc::new(agents)),
+            agents_version: AtomicU64::new(app.agents_version),
+            pool: Mutex::default(),
+            admitted: AtomicUsize::new(0),
+            cursor: AtomicUsize::new(0),
+            in_flight: Mutex::default(),
+            conversations: Mutex::default(),
+            outbox: OutboxState::default(),
+            rate,
+            counters: crate::metrics::AppCounters::default(),
+        }
+    }
+
+    /// Whether the store's agents of this app have changed since they were built.
+    pub(crate) fn agents_outdated(&self, app: &App) -> bool {
+        self.agents_version.load(Ordering::Acquire) != app.agents_version
+    }
+
+    /// Swaps in agents rebuilt from the store. Messages already queued keep the agent they were
+    /// given; the next ones get the new set.
+    pub(crate) fn replace_agents(&self, agents: AgentSet, version: u64) {
+        *self
+            .agents
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Arc::new(agents);
+        self.agents_version.store(version, Ordering::Release);
+    }
+
+    /// The current agents.
+    pub(crate) fn agents(&self) -> Arc<AgentSet> {
+        self.agents
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Takes a place in the connection limit, or `None` when the app is at `max`.
+    pub(crate) fn admit(self: &Arc<Self>, max: usize) -> Option<Admission> {
+        self.admitted
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()
+            .map(|_| Admission(self.clone()))
+    }
+
+    /// Adds an open connection to the pool.
+    pub(crate) fn join(&self, member: PoolMember) {
+        lock(&self.pool).push(member);
+    }
+
+    /// Removes a connection from the pool: nothing is routed to it any more.
+    pub(crate) fn leave(&self, id: ConnId) {
+        lock(&self.pool).retain(|member| member.id != id);
+    }
+
+    /// Open connections, counted by their places in the connection limit: a connection counts
+    /// until it has finished closing, so a place frees exactly when the count drops.
+    pub(crate) fn connection_count(&self) -> usize {
+        self.admitted.load(Ordering::Acquire)
+    }
+
+    /// Whether a connection that takes the pool's traffic is open.
+    pub(crate) fn has_shared_connections(&self) -> bool {
+        lock(&self.pool).iter().any(|member| member.shared)
+    }
+
+    /// The connection with this id, if still in the pool.
+    pub(crate) fn member(&self, id: ConnId) -> Option<PoolMember> {
+        lock(&self.pool)
+            .iter()
+            .find(|member| member.id == id)
+            .cloned()
+    }
+
+    /// The pool's shared connections other than `except`, starting at a rotating position so
+    /// that rerouted traffic spreads over the pool.
+    pub(crate) fn others(&self, except: Option<ConnId>) -> Vec<PoolMember> {
+        let pool = lock(&self.pool);
+        let start = self.cursor.fetch_add(1, Ordering::Relaxed);
+        let len = pool.len();
+        (0..len)
+            .map(|i| &pool[(start + i) % len])
+            .filter(|member| member.shared && Some(member.id) != except)
+            .cloned()
+            .collect()
+    }
+
+    /// Offers a valid message for processing: deduplicates it against the messages in flight,
+    /// applies the in-flight limit, and queues it on its conversation. Returns the conversation
+    /// when a worker must be started for it.
+    pub(crate) fn begin(
+        &self,
+        job: Job,
+        origin: ConnId,
+        limits: InFlightLimits,
+    ) -> (Begin, Option<ConversationKey>) {
+        {
+            let mut in_flight = lock(&self.in_flight);
+            if let Some(known) = in_flight.by_msg.get_mut(&job.message.msg_id) {
+                known.origin = origin;
+                return (Begin::Duplicate, None);
+            }
+            if let Some(waiting) = in_flight.deferred.get_mut(&job.message.msg_id) {
+                waiting.origin = Some(origin);
+                return (Begin::Duplicate, None);
+            }
+            if in_flight.by_msg.len() >= limits.per_app {
+                return (Begin::Overloaded(Box::new(job)), None);
+            }
+            let sender = &job.message.sender_id;
+            if in_flight.by_sender.get(sender).copied().unwrap_or(0) >= limits.per_sender {
+                return (Begin::SenderBusy(Box::new(job)), None);
+            }
+            *in_flight.by_sender.entry(sender.clone()).or_default() += 1;
+            let pending = Pending {
+                origin,
+                sender: sender.clone(),
+            };
+            in_flight.by_msg.insert(job.message.msg_id.clone(), pending);
+        }
+        let key = job.conversation.clone();
+        let mut conversations = lock(&self.conversations);
+        match conversations.get_mut(&key) {
+            Some(queue) => {
+                queue.push_back(job);
+                (Begin::Queued, None)
+            }
+            None => {
+                conversations.insert(key.clone(), VecDeque::from([job]));
+                (Begin::Queued, Some(key))
+            }
+        }
+    }
+
+    /// The next message of a conversation, or `None` when it is done (and then forgotten, so
+    /// that the next message starts a new worker).
+    pub(crate) fn next_job(&self, key: &ConversationKey) -> Option<Job> {
+        let mut conversations = lock(&self.conversations);
+        let queue = conversations.get_mut(key)?;
+        let job = queue.pop_front();
+        if job.is_none() {
+            conversations.remove(key);
+        }
+        job
+    }
+
+    /// Ends a message's time in flight; returns where its response goes.
+    pub(crate) fn finish(&self, msg_id: &str) -> Option<ConnId> {
+        lock(&self.in_flight)
+            .finish(msg_id)
+            .map(|pending| pending.origin)
+    }
+
+    /// Moves a message from processing to waiting for its pushed reply; `false` (and nothing
+    /// moved) when the app already has `max` deferred messages.
+    pub(crate) fn defer(&self, message: &Message, agent: &str, until_ms: i64, max: usize) -> bool {
+        let mut in_flight = lock(&self.in_flight);
+        if in_flight.deferred.len() >= max {
+            return false;
+        }
+        let origin = in_flight
+            .finish(&message.msg_id)
+            .map(|pending| pending.origin);
+        let deferred = Deferred {
+            message: message.clone(),
+            agent: agent.to_owned(),
+            origin,
+            until_ms,
+        };
+        in_flight.deferred.insert(message.msg_id.clone(), deferred);
+        true
+    }
+
+    /// Puts back a message that was waiting for its reply when the gateway last stopped.
+    pub(crate) fn restore_deferred(&self, deferred: Deferred) {
+        lock(&self.in_flight)
+            .deferred
+            .insert(deferred.message.msg_id.clone(), deferred);
+    }
+
+    /// The message waiting for a pushed reply with this id, if any.
+    pub(crate) fn deferred(&self, msg_id: &str) -> Option<Deferred> {
+        lock(&self.in_flight).deferred.get(msg_id).cloned()
+    }
+
+    /// Takes a waiting message, to answer it; `None` if it was answered meanwhile.
+    pub(crate) fn take_deferred(&self, msg_id: &str) -> Option<Deferred> {
+        lock(&self.in_flight).deferred.remove(msg_id)
+    }
+
+    /// How many messages wait for a pushed reply.
+    pub(crate) fn deferred_count(&self) -> usize {
+        lock(&self.in_flight).deferred.len()
+    }
+
+    /// Takes every waiting message whose deadline has passed.
+    pub(crate) fn take_expired(&self, now_ms: i64) -> Vec<Deferred> {
+        let mut in_flight = lock(&self.in_flight);
+        let expired: Vec<String> = in_flight
+            .deferred
+            .values()
+            .filter(|d| d.until_ms <= now_ms)
+            .map(|d| d.message.msg_id.clone())
+            .collect();
+        expired
+            .iter()
+            .filter_map(|id| in_flight.deferred.remove(id))
+            .collect()
+    }
+
+    /// How many messages are in flight.
+    pub(crate) fn in_flight(&self) -> usize {
+        lock(&self.in_flight).by_msg.len()
+    }
+}
+
+/// All apps the gateway has seen, by name.
+#[derive(Default)]
+pub(crate) struct Apps {
+    apps: RwLock<HashMap<String, Arc<AppState>>>,
+}
+
+impl Apps {
+    pub(crate) fn get(&self, name: &str) -> Option<Arc<AppState>> {
+        self.apps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .get(name)
+            .cloned()
+    }
+
+    /// Adds an app's state, unless one is there already (the first one in wins); returns the
+    /// state in use.
+    pub(crate) fn insert(&self, state: AppState) -> Arc<AppState> {
+        let mut apps = self
+            .apps
+            .write()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        apps.entry(state.name.clone())
+            .or_insert_with(|| Arc::new(state))
+            .clone()
+    }
+
+    pub(crate) fn all(&self) -> Vec<Arc<AppState>> {
+        let apps = self
+            .apps
+            .read()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let mut all: Vec<_> = apps.values().cloned().collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+}

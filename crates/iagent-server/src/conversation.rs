@@ -1,0 +1,377 @@
+//! Conversations: each conversation's messages are processed one at a time, in arrival order,
+//! by a worker that exists only while the conversation has work; different conversations run
+//! concurrently.
+//!
+//! Processing one message: claim its `msg_id` in the store (a message seen before is not
+//! processed again), ask the reply strategy, call the agent under its deadline, store the
+//! response with the history it adds, then route the response.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use iagent_agent::{Agent, AgentError, MAX_HISTORY, Reply, Turn};
+use iagent_protocol::{ChatType, Message, RespCode};
+use iagent_store::{Claim, Completion, HistoryEntry};
+use tokio::sync::OwnedSemaphorePermit;
+
+use crate::apps::{AppState, Deferred};
+use crate::delivery;
+use crate::gateway::Gateway;
+use crate::ids::now_ms;
+
+/// A conversation: private chat = (user, agent) within the app, group chat = the group.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub(crate) enum ConversationKey {
+    Private { user: String, agent: String },
+    Group(String),
+}
+
+impl ConversationKey {
+    pub(crate) fn of(message: &Message, agent: &str) -> Self {
+        match (message.chat_type, &message.group_id) {
+            (ChatType::Group, Some(group)) => Self::Group(group.clone()),
+            _ => Self::Private {
+                user: message.sender_id.clone(),
+                agent: agent.to_owned(),
+            },
+        }
+    }
+
+    /// The key under which the store keeps the conversation's history. The user id's length
+    /// is spelled out, so no choice of ids makes two conversations share a key.
+    pub(crate) fn storage_key(&self) -> String {
+        match self {
+            Self::Private { user, agent } => format!("p:{}:{user}:{agent}", user.len()),
+            Self::Group(group) => format!("g:{group}"),
+        }
+    }
+}
+
+/// A valid message waiting for its conversation's worker.
+pub(crate) struct Job {
+    pub(crate) message: Message,
+    pub(crate) agent: Arc<dyn Agent>,
+    pub(crate) conversation: ConversationKey,
+    /// When its frame arrived: the start of the processing-latency measurement.
+    pub(crate) received: Instant,
+    /// Its place in the origin connection's in-flight limit, given back once the response is
+    /// on its way.
+    pub(crate) permit: OwnedSemaphorePermit,
+}
+
+/// Works through a conversation's queue until it is empty.
+pub(crate) async fn run(gateway: Arc<Gateway>, app: Arc<AppState>, key: ConversationKey) {
+    while let Some(job) = app.next_job(&key) {
+        process(&gateway, &app, job).await;
+    }
+}
+
+async fn process(gateway: &Arc<Gateway>, app: &Arc<AppState>, job: Job) {
+    let Job {
+        message,
+        agent,
+        conversation,
+        received,
+        permit,
+    } = job;
+    let inbound = message.to_json();
+    let claim = gateway
+        .store
+        .claim(&app.name, &message.msg_id, inbound.clone(), now_ms())
+        .await;
+    let frame = match claim {
+        Ok(Claim::New) => match answer(gateway, app, &conversation, agent.as_ref(), &message).await
+        {
+            Answer::Now(response) => {
+                let frame =
+                    complete(gateway, app, &conversation, &message, inbound, &response).await;
+                gateway.metrics.observe_latency(received.elapsed());
+                Some(frame)
+            }
+            Answer::Later => match defer(gateway, app, &message, agent.id()).await {
+                // The message now waits for its pushed reply, holding no in-flight place.
+                Ok(()) => None,
+                Err(response) => {
+                    Some(complete(gateway, app, &conversation, &message, inbound, &response).await)
+                }
+            },
+        },
+        Ok(Claim::Answered(frame)) => {
+            app.counters
+                .duplicates
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            Some(frame)
+        }
+        Ok(Claim::Pending) => {
+            // Claimed, unanswered, and not in flight here: another gateway node has it, and its
+            // one response will be routed from there.
+            app.counters
+                .duplicates
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            tracing::warn!(msg_id = %message.msg_id, "message is pending elsewhere; not processed again");
+            None
+        }
+        Err(err) => {
+            gateway.store_failed("claim", &err);
+            let cause = "the gateway could not record the message (storage unavailable); it was not processed";
+            let response =
+                message.text_response(gateway.ids.next(), agent.id(), RespCode::Failed, cause);
+            app.counters.response(RespCode::Failed);
+            Some(response.to_json())
+        }
+    };
+    let origin = app.finish(&message.msg_id);
+    if let Some(frame) = frame {
+        delivery::deliver(gateway, app, frame.into(), origin).await;
+    }
+    drop(permit);
+}
+
+/// Stores a message's response with the history it adds, counts it, and returns its frame.
+pub(crate) async fn complete(
+    gateway: &Gateway,
+    app: &AppState,
+    conversation: &ConversationKey,
+    message: &Message,
+    inbound: String,
+    response: &Message,
+) -> String {
+    let frame = response.to_json();
+    let completion = Completion {
+        app: app.name.clone(),
+        msg_id: message.msg_id.clone(),
+        response: frame.clone(),
+        history: history(conversation, message, inbound, response, &frame),
+    };
+    if let Err(err) = gateway.store.complete(completion).await {
+        // The response still goes out; only a resend of this msg_id would be processed again
+        // (and after a restart, answered with 50).
+        gateway.store_failed("complete", &err);
+    }
+    app.counters.response(response.resp_code);
+    frame
+}
+
+/// What an agent's turn comes to.
+enum Answer {
+    /// The response, to send now.
+    Now(Message),
+    /// The agent will push its reply.
+    Later,
+}
+
+/// Records that `message` waits for its agent to push a reply, until the deadline; a 50 when
+/// that cannot be recorded or the app has too many messages waiting already.
+async fn defer(
+    gateway: &Gateway,
+    app: &AppState,
+    message: &Message,
+    agent_id: &str,
+) -> Result<(), Message> {
+    let (timeouts, limits) = (&gateway.config.timeouts, &gateway.config.limits);
+    let wait = i64::try_from(timeouts.deferred_reply_ms).unwrap_or(i64::MAX);
+    let until_ms = now_ms().saturating_add(wait);
+    let refuse = |cause: String| {
+        message.text_response(gateway.ids.next(), agent_id, RespCode::Failed, cause)
+    };
+    if let Err(err) = gateway
+        .store
+        .defer(&app.name, &message.msg_id, agent_id, until_ms)
+        .await
+    {
+        gateway.store_failed("defer", &err);
+        return Err(refuse(
+            "the gateway could not record the deferred reply (storage unavailable)".into(),
+        ));
+    }
+    if !app.defer(message, agent_id, until_ms, limits.max_deferred_per_app) {
+        let cause = format!(
+            "agent {agent_id} deferred its reply, but the app has {} messages waiting for pushed replies, its limit",
+            limits.max_deferred_per_app
+        );
+        return Err(refuse(cause));
+    }
+    Ok(())
+}
+
+/// Answers a message that waited for a pushed reply (with that reply, or with a 50 when its
+/// deadline passed), and routes the answer where the message came from.
+pub(crate) async fn answer_deferred(
+    gateway: &Arc<Gateway>,
+    app: &Arc<AppState>,
+    deferred: Deferred,
+    response: Message,
+) {
+    let conversation = ConversationKey::of(&deferred.message, &deferred.agent);
+    let inbound = deferred.message.to_json();
+    let frame = complete(
+        gateway,
+        app,
+        &conversation,
+        &deferred.message,
+        inbound,
+        &response,
+    )
+    .await;
+    delivery::deliver(gateway, app, frame.into(), deferred.origin).await;
+}
+
+/// The agent's answer to `message`: 0 with the reply, 10 with the strategy's or the agent's
+/// reason, 50 with the agent's failure, or a reply to come.
+async fn answer(
+    gateway: &Gateway,
+    app: &AppState,
+    conversation: &ConversationKey,
+    agent: &dyn Agent,
+    message: &Message,
+) -> Answer {
+    let respond = |code: RespCode, cause: &str| {
+        Answer::Now(message.text_response(gateway.ids.next(), agent.id(), code, cause))
+    };
+    if let Err(no_reply) = agent.strategy().decide(message, agent.id()) {
+        return respond(RespCode::NoReply, no_reply.code());
+    }
+    let history = match earlier_messages(gateway, app, conversation, agent).await {
+        Ok(history) => history,
+        Err(err) => {
+            gateway.store_failed("history", &err);
+            let cause =
+                "the gateway could not read the conversation's history (storage unavailable)";
+            return respond(RespCode::Failed, cause);
+        }
+    };
+    let deadline = gateway.config.timeouts.agent_deadline();
+    let turn = Turn {
+        message,
+        history: &history,
+    };
+    let outcome = tokio::select! {
+        outcome = tokio::time::timeout(deadline, agent.reply(turn)) => outcome.unwrap_or_else(|_| {
+            Err(AgentError::Timeout { agent: agent.id().to_owned(), deadline })
+        }),
+        () = gateway.abandon.cancelled() => Err(AgentError::Failed {
+            agent: agent.id().to_owned(),
+            cause: "the gateway shut down before the agent answered".into(),
+        }),
+    };
+    match outcome {
+        Ok(Reply::Content {
+            content_type,
+            content,
+        }) => {
+            let meta = gateway.ids.next();
+            Answer::Now(message.response(meta, agent.id(), RespCode::Ok, content_type, content))
+        }
+        Ok(Reply::Declined(reason)) => respond(RespCode::NoReply, &reason),
+        Ok(Reply::Deferred) => Answer::Later,
+        Err(err) => respond(RespCode::Failed, &err.to_string()),
+    }
+}
+
+/// The conversation's last messages, oldest first, as many as the agent wants (none for most
+/// kinds, which then cost no read). Sequential processing per conversation means every earlier
+/// message is already stored.
+async fn earlier_messages(
+    gateway: &Gateway,
+    app: &AppState,
+    conversation: &ConversationKey,
+    agent: &dyn Agent,
+) -> Result<Vec<Message>, iagent_store::StoreError> {
+    let wanted = agent.history_len().min(MAX_HISTORY);
+    if wanted == 0 {
+        return Ok(Vec::new());
+    }
+    let limit = u32::try_from(wanted).unwrap_or(u32::MAX);
+    let stored = gateway
+        .store
+        .history(&app.name, &conversation.storage_key(), limit)
+        .await?;
+    Ok(stored
+        .iter()
+        .filter_map(|text| serde_json::from_str(text).ok())
+        .collect())
+}
+
+/// What a processed message adds to its conversation's history: the message, and the reply if
+/// there was one.
+fn history(
+    conversation: &ConversationKey,
+    message: &Message,
+    inbound: String,
+    response: &Message,
+    frame: &str,
+) -> Vec<HistoryEntry> {
+    let conversation = conversation.storage_key();
+    let mut entries = vec![HistoryEntry {
+        conversation: conversation.clone(),
+        at_ms: message.timestamp,
+        message: inbound,
+    }];
+    if response.resp_code == RespCode::Ok {
+        entries.push(HistoryEntry {
+            conversation,
+            at_ms: response.timestamp,
+            message: frame.to_owned(),
+        });
+    }
+    entries
+}
+
+/// Answers, with 50, every message a previous process claimed and never answered, so that each
+/// still gets its one response (in the outbox) and a resend gets the same one.
+pub(crate) async fn recover_unanswered(
+    gateway: &Arc<Gateway>,
+) -> Result<usize, iagent_store::StoreError> {
+    let unanswered = gateway.store.unanswered().await?;
+    let count = unanswered.len();
+    for entry in unanswered {
+        let message = serde_json::from_str::<Message>(&entry.inbound);
+        let (Some(app), Ok(message)) = (gateway.apps.get(&entry.app), message) else {
+            tracing::error!(app = %entry.app, "unreadable unanswered message left as is");
+            continue;
+        };
+        let agents = app.agents();
+        let agent_id = agents.resolve(&message).map_or_else(
+            |_| agents.default_id().to_owned(),
+            |agent| agent.id().to_owned(),
+        );
+        let cause = "the gateway restarted before this message was answered; it was not processed";
+        let response =
+            message.text_response(gateway.ids.next(), &agent_id, RespCode::Failed, cause);
+        let conversation = ConversationKey::of(&message, &agent_id);
+        let frame = complete(
+            gateway,
+            &app,
+            &conversation,
+            &message,
+            entry.inbound,
+            &response,
+        )
+        .await;
+        // No connection is open yet: this lands in the outbox.
+        delivery::deliver(gateway, &app, frame.into(), None).await;
+    }
+    Ok(count)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn storage_keys_of_different_conversations_differ() {
+        let a = ConversationKey::Private {
+            user: "a:b".into(),
+            agent: "c".into(),
+        };
+        let b = ConversationKey::Private {
+            user: "a".into(),
+            agent: "b:c".into(),
+        };
+        assert_ne!(a.storage_key(), b.storage_key());
+        assert_ne!(
+            ConversationKey::Group("x".into()).storage_key(),
+            a.storage_key()
+        );
+    }
+}

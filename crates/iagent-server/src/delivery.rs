@@ -1,0 +1,128 @@
+//! Routing a response to its app's pool: the connection its message came in on while that is
+//! open, else another open connection of the app, else the app's durable outbox, which is
+//! drained oldest first whenever the app has a connection.
+
+use std::sync::Arc;
+use std::sync::atomic::Ordering;
+
+use axum::extract::ws::Utf8Bytes;
+use tokio::sync::mpsc::error::{SendError, TrySendError};
+
+use crate::apps::{AppState, ConnId};
+use crate::gateway::Gateway;
+use crate::ids::now_ms;
+use crate::session::Outbound;
+
+/// Routes one response frame of `app`. Never drops it: when no connection takes it, it goes to
+/// the outbox.
+pub(crate) async fn deliver(
+    gateway: &Arc<Gateway>,
+    app: &Arc<AppState>,
+    frame: Utf8Bytes,
+    origin: Option<ConnId>,
+) {
+    let mut item = Outbound::Response(frame);
+    if let Some(member) = origin.and_then(|id| app.member(id)) {
+        // Waiting here when the origin's queue is full is the back-pressure: this connection's
+        // reader is held by the permits of the messages waiting to be answered.
+        match member.frames.send(item).await {
+            Ok(()) => return,
+            Err(SendError(back)) => item = back,
+        }
+    }
+    if origin.is_some() {
+        app.counters.rerouted.fetch_add(1, Ordering::Relaxed);
+    }
+    for member in app.others(origin) {
+        item = match member.frames.try_send(item) {
+            Ok(()) => return,
+            Err(TrySendError::Full(back) | TrySendError::Closed(back)) => back,
+        };
+    }
+    if let Outbound::Response(frame) | Outbound::Outboxed { frame, .. } = item {
+        to_outbox(gateway, app, frame).await;
+    }
+}
+
+/// Stores a response in the app's outbox, and starts a drain if a connection has opened since.
+async fn to_outbox(gateway: &Arc<Gateway>, app: &Arc<AppState>, frame: Utf8Bytes) {
+    let now = now_ms();
+    let ttl = i64::try_from(
+        gateway
+            .config
+            .retention
+            .outbox_ttl_secs
+            .saturating_mul(1000),
+    )
+    .unwrap_or(i64::MAX);
+    match gateway
+        .store
+        .outbox_push(
+            &app.name,
+            frame.as_str().to_owned(),
+            now,
+            now.saturating_add(ttl),
+        )
+        .await
+    {
+        Ok(_) => {
+            app.outbox.add_depth(1);
+            if app.has_shared_connections() {
+                spawn_drain(gateway, app);
+            }
+        }
+        Err(err) => {
+            gateway.store_failed("outbox_push", &err);
+            tracing::error!(app = %app.name, "a response could not be stored in the outbox and is lost");
+        }
+    }
+}
+
+/// Starts delivering the app's outbox over its pool, unless a drain is already waiting to start
+/// (it will see everything stored before it starts).
+pub(crate) fn spawn_drain(gateway: &Arc<Gateway>, app: &Arc<AppState>) {
+    if app.outbox.depth() == 0 || app.outbox.queued.swap(true, Ordering::AcqRel) {
+        return;
+    }
+    gateway
+        .background
+        .spawn(drain(gateway.clone(), app.clone()));
+}
+
+async fn drain(gateway: Arc<Gateway>, app: Arc<AppState>) {
+    let _turn = app.outbox.draining.lock().await;
+    app.outbox.queued.store(false, Ordering::Release);
+    let mut after = 0;
+    loop {
+        if gateway.stopping.is_cancelled() {
+            return;
+        }
+        let batch = gateway.config.limits.outbox_batch;
+        let entries = match gateway.store.outbox_peek(&app.name, after, batch).await {
+            Ok(entries) if entries.is_empty() => return,
+            Ok(entries) => entries,
+            Err(err) => return gateway.store_failed("outbox_peek", &err),
+        };
+        for entry in entries {
+            after = entry.id;
+            if !app.outbox.in_transit().insert(entry.id) {
+                continue;
+            }
+            let mut unsent = Some(Outbound::Outboxed {
+                id: entry.id,
+                frame: entry.message.into(),
+            });
+            for member in app.others(None) {
+                let Some(item) = unsent.take() else { break };
+                if let Err(SendError(back)) = member.frames.send(item).await {
+                    unsent = Some(back);
+                }
+            }
+            if unsent.is_some() {
+                // Every connection closed meanwhile: the entry stays for the next one.
+                app.outbox.in_transit().remove(&entry.id);
+                return;
+            }
+        }
+    }
+}

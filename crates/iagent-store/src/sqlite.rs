@@ -1,0 +1,764 @@
+//! The SQLite store: one connection, owned by one writer thread, that runs every queued job of a
+//! batch inside one transaction and answers the callers only after the commit.
+//!
+//! Batching is what makes durability affordable: under load hundreds of claims and completions
+//! share one commit, while a lone request still commits at once (the writer never waits to fill
+//! a batch). The database runs in WAL mode; see [`Durability`] for what a commit survives.
+
+use std::path::{Path, PathBuf};
+use std::thread;
+
+use rusqlite::{Connection, OptionalExtension, params};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::token::{self, Token};
+use crate::{
+    AgentRecord, App, BoxFuture, Claim, Completion, DeferredMessage, ECHO_AGENT_ID, FileMeta,
+    HistoryEntry, OutboxEntry, PurgeBefore, Purged, Result, Store, StoreError, StoredFile,
+    Unanswered, check_agent_id, check_app_name, is_file_id,
+};
+
+/// The file the database lives in, inside the data directory.
+pub const DATABASE_FILE: &str = "iagent.sqlite3";
+
+/// The directory of file bytes, inside the data directory.
+pub const FILES_DIR: &str = "files";
+
+/// The most jobs one transaction takes. Bounds the latency a job can add to the ones batched
+/// with it, while still amortizing a commit over many messages under load.
+pub const MAX_BATCH: usize = 512;
+
+/// How many jobs may wait for the writer. A full queue makes callers wait (back-pressure on the
+/// message path) instead of growing memory.
+pub const QUEUE_CAPACITY: usize = 8192;
+
+/// What a commit survives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Durability {
+    /// `synchronous=NORMAL` in WAL mode: a commit survives the process being killed (`kill -9`),
+    /// and the last commits before a power loss or kernel crash may be lost. The default: the
+    /// gateway's promise is about process restarts, and fsync per batch would cost throughput.
+    #[default]
+    Process,
+    /// `synchronous=FULL`: every commit is fsynced and also survives a power loss.
+    Power,
+}
+
+/// A unit of work for the writer: runs its statements on the connection (or, given `None`
+/// because the batch's transaction could not begin, runs nothing), and returns what to do once
+/// the batch's outcome is known: hand the result, or the batch's error, to the caller.
+type Job = Box<dyn FnOnce(Option<&Connection>) -> Settle + Send>;
+type Settle = Box<dyn FnOnce(Result<(), &rusqlite::Error>) + Send>;
+
+/// The SQLite store. Cheap to share behind an `Arc`; the writer thread stops when it is dropped.
+#[derive(Debug)]
+pub struct SqliteStore {
+    jobs: mpsc::Sender<Job>,
+    path: PathBuf,
+    /// Where file bytes live, one file per id; only their metadata goes through the writer,
+    /// so a large upload never holds up the message path.
+    files: PathBuf,
+}
+
+impl SqliteStore {
+    /// Opens (creating if needed) the database in `data_dir`, creating the directory too.
+    pub fn open(data_dir: &Path, durability: Durability) -> Result<Self> {
+        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
+            path: data_dir.to_owned(),
+            source,
+        })?;
+        let files = data_dir.join(FILES_DIR);
+        std::fs::create_dir_all(&files).map_err(|source| StoreError::DataDir {
+            path: files.clone(),
+            source,
+        })?;
+        let path = data_dir.join(DATABASE_FILE);
+        let conn = Connection::open(&path)?;
+        configure(&conn, durability)?;
+        migrate(&conn)?;
+        let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
+        thread::Builder::new()
+            .name("iagent-store".into())
+            .spawn(move || write_loop(conn, queue))
+            .map_err(|source| StoreError::DataDir {
+                path: data_dir.to_owned(),
+                source,
+            })?;
+        Ok(Self { jobs, path, files })
+    }
+
+    /// The database file.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Runs `work` on the writer thread inside the current batch's transaction, and resolves
+    /// with its result once that transaction has committed.
+    fn run<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+    {
+        let (reply, answer) = oneshot::channel();
+        let job: Job = Box::new(move |conn| {
+            let outcome = conn.map(|conn| in_savepoint(conn, work));
+            Box::new(move |batch| {
+                let result = match (batch, outcome) {
+                    (Ok(()), Some(outcome)) => outcome,
+                    (Err(err), _) => Err(StoreError::Batch(err.to_string())),
+                    (Ok(()), None) => Err(StoreError::Batch("the job did not run".into())),
+                };
+                // The caller may have given up (its task was cancelled); the work is committed
+                // either way, and there is nobody left to tell.
+                reply.send(result).ok();
+            })
+        });
+        Box::pin(async move {
+            self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
+            answer.await.map_err(|_| StoreError::Closed)?
+        })
+    }
+}
+
+/// Runs `work` so that a failure undoes only its own statements, not the batch's.
+fn in_savepoint<T>(conn: &Connection, work: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+    // Cached statements: `execute_batch` would parse the SQL again for every job.
+    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
+    let outcome = work(conn);
+    if outcome.is_err() {
+        conn.prepare_cached("ROLLBACK TO job")?.execute([])?;
+    }
+    conn.prepare_cached("RELEASE job")?.execute([])?;
+    outcome
+}
+
+fn write_loop(conn: Connection, mut queue: mpsc::Receiver<Job>) {
+    let mut batch = Vec::with_capacity(MAX_BATCH);
+    while queue.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
+        let jobs = batch.len();
+        let outcome = match conn.execute_batch("BEGIN IMMEDIATE") {
+            Ok(()) => {
+                let settles: Vec<Settle> = batch.drain(..).map(|job| job(Some(&conn))).collect();
+                (settles, conn.execute_batch("COMMIT"))
+            }
+            Err(err) => (batch.drain(..).map(|job| job(None)).collect(), Err(err)),
+        };
+        let (settles, result) = outcome;
+        if let Err(err) = &result {
+            tracing::error!(error = %err, jobs, "store transaction failed");
+            // A failed COMMIT can leave the transaction open; none of it may stand.
+            if !conn.is_autocommit()
+                && let Err(err) = conn.execute_batch("ROLLBACK")
+            {
+                tracing::error!(error = %err, "store rollback failed");
+            }
+        }
+        let result = result.as_ref().map(|_| ());
+        for settle in settles {
+            settle(result);
+        }
+    }
+}
+
+fn configure(conn: &Connection, durability: Durability) -> Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    let synchronous = match durability {
+        Durability::Process => "NORMAL",
+        Durability::Power => "FULL",
+    };
+    conn.pragma_update(None, "synchronous", synchronous)?;
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    // The CLI may write (create an app) while a gateway serves from the same file.
+    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    Ok(())
+}
+
+fn migrate(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS apps (
+            name TEXT PRIMARY KEY,
+            created_ms INTEGER NOT NULL,
+            default_agent TEXT NOT NULL,
+            agents_version INTEGER NOT NULL DEFAULT 0
+        );
+        CREATE TABLE IF NOT EXISTS tokens (
+            hash BLOB PRIMARY KEY,
+            app TEXT NOT NULL REFERENCES apps(name),
+            created_ms INTEGER NOT NULL,
+            revoked_ms INTEGER
+        );
+        CREATE INDEX IF NOT EXISTS tokens_app ON tokens(app);
+        CREATE TABLE IF NOT EXISTS agents (
+            app TEXT NOT NULL REFERENCES apps(name),
+            id TEXT NOT NULL,
+            kind TEXT NOT NULL,
+            config TEXT NOT NULL,
+            PRIMARY KEY (app, id)
+        );
+        CREATE TABLE IF NOT EXISTS messages (
+            app TEXT NOT NULL,
+            msg_id TEXT NOT NULL,
+            received_ms INTEGER NOT NULL,
+            inbound TEXT NOT NULL,
+            response TEXT,
+            deferred_until INTEGER,
+            deferred_agent TEXT,
+            PRIMARY KEY (app, msg_id)
+        ) WITHOUT ROWID;
+        CREATE INDEX IF NOT EXISTS messages_received ON messages(received_ms);
+        CREATE TABLE IF NOT EXISTS history (
+            id INTEGER PRIMARY KEY,
+            app TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            at_ms INTEGER NOT NULL,
+            message TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS history_conversation ON history(app, conversation, id);
+        CREATE INDEX IF NOT EXISTS history_at ON history(at_ms);
+        CREATE TABLE IF NOT EXISTS outbox (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            app TEXT NOT NULL,
+            created_ms INTEGER NOT NULL,
+            expires_ms INTEGER NOT NULL,
+            message TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS outbox_app ON outbox(app, id);
+        CREATE INDEX IF NOT EXISTS outbox_expires ON outbox(expires_ms);
+        CREATE TABLE IF NOT EXISTS files (
+            id TEXT PRIMARY KEY,
+            app TEXT NOT NULL,
+            content_type TEXT NOT NULL,
+            size INTEGER NOT NULL,
+            created_ms INTEGER NOT NULL
+        ) WITHOUT ROWID;
+        CREATE INDEX IF NOT EXISTS files_created ON files(created_ms);",
+    )?;
+    Ok(())
+}
+
+/// A new random file id: `f` and 128 bits in hex.
+fn new_file_id() -> Result<String> {
+    let mut bytes = [0u8; 16];
+    getrandom::fill(&mut bytes).map_err(|err| StoreError::Randomness(err.to_string()))?;
+    Ok(format!("f{}", token::hex(&bytes)))
+}
+
+fn issue_token(conn: &Connection, app: &str, now_ms: i64) -> Result<Token> {
+    let token = Token::generate().map_err(|err| StoreError::Randomness(err.to_string()))?;
+    conn.prepare_cached("INSERT INTO tokens (hash, app, created_ms) VALUES (?1, ?2, ?3)")?
+        .execute(params![&token::hash(token.expose())[..], app, now_ms])?;
+    Ok(token)
+}
+
+fn append_history(conn: &Connection, app: &str, entries: &[HistoryEntry]) -> Result<()> {
+    let mut append = conn.prepare_cached(
+        "INSERT INTO history (app, conversation, at_ms, message) VALUES (?1, ?2, ?3, ?4)",
+    )?;
+    for entry in entries {
+        append.execute(params![app, entry.conversation, entry.at_ms, entry.message])?;
+    }
+    Ok(())
+}
+
+fn bump_agents_version(conn: &Connection, app: &str) -> Result<()> {
+    conn.prepare_cached("UPDATE apps SET agents_version = agents_version + 1 WHERE name = ?1")?
+        .execute([app])?;
+    Ok(())
+}
+
+fn require_app(conn: &Connection, app: &str) -> Result<()> {
+    let exists: bool = conn
+        .prepare_cached("SELECT EXISTS (SELECT 1 FROM apps WHERE name = ?1)")?
+        .query_row([app], |row| row.get(0))?;
+    if exists {
+        Ok(())
+    } else {
+        Err(StoreError::UnknownApp(app.to_owned()))
+    }
+}
+
+fn revoke_all(conn: &Connection, app: &str, now_ms: i64) -> Result<u64> {
+    require_app(conn, app)?;
+    let revoked = conn
+        .prepare_cached("UPDATE tokens SET revoked_ms = ?2 WHERE app = ?1 AND revoked_ms IS NULL")?
+        .execute(params![app, now_ms])?;
+    Ok(revoked as u64)
+}
+
+const APP_COLUMNS: &str = "a.name, a.created_ms, a.default_agent,
+    (SELECT COUNT(*) FROM tokens t WHERE t.app = a.name AND t.revoked_ms IS NULL), a.agents_version";
+
+fn app_from_row(row: &rusqlite::Row<'_>) -> rusqlite::Result<App> {
+    Ok(App {
+        name: row.get(0)?,
+        created_ms: row.get(1)?,
+        default_agent: row.get(2)?,
+        live_tokens: row.get(3)?,
+        agents_version: row.get(4)?,
+    })
+}
+
+impl Store for SqliteStore {
+    fn create_app(&self, name: &str, now_ms: i64) -> BoxFuture<'_, Result<(App, Token)>> {
+        let name = name.to_owned();
+        self.run(move |conn| {
+            check_app_name(&name)?;
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO apps (name, created_ms, default_agent) VALUES (?1, ?2, ?3)
+                     ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![name, now_ms, ECHO_AGENT_ID])?;
+            if inserted == 0 {
+                return Err(StoreError::AppExists(name));
+            }
+            conn.prepare_cached(
+                "INSERT INTO agents (app, id, kind, config) VALUES (?1, ?2, 'echo', '{}')",
+            )?
+            .execute(params![name, ECHO_AGENT_ID])?;
+            let token = issue_token(conn, &name, now_ms)?;
+            let app = App {
+                name,
+                created_ms: now_ms,
+                default_agent: ECHO_AGENT_ID.into(),
+                live_tokens: 1,
+                agents_version: 0,
+            };
+            Ok((app, token))
+        })
+    }
+
+    fn list_apps(&self) -> BoxFuture<'_, Result<Vec<App>>> {
+        self.run(|conn| {
+            let mut statement =
+                conn.prepare_cached(&format!("SELECT {APP_COLUMNS} FROM apps a ORDER BY a.name"))?;
+            let apps = statement
+                .query_map([], app_from_row)?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(apps)
+        })
+    }
+
+    fn rotate_token(&self, app: &str, now_ms: i64) -> BoxFuture<'_, Result<Token>> {
+        let app = app.to_owned();
+        self.run(move |conn| {
+            revoke_all(conn, &app, now_ms)?;
+            issue_token(conn, &app, now_ms)
+        })
+    }
+
+    fn revoke_tokens(&self, app: &str, now_ms: i64) -> BoxFuture<'_, Result<u64>> {
+        let app = app.to_owned();
+        self.run(move |conn| revoke_all(conn, &app, now_ms))
+    }
+
+    fn app_for_token(&self, token: &str) -> BoxFuture<'_, Result<Option<App>>> {
+        let hash = token::hash(token);
+        self.run(move |conn| {
+            let app = conn
+                .prepare_cached(&format!(
+                    "SELECT {APP_COLUMNS} FROM tokens k JOIN apps a ON a.name = k.app
+                     WHERE k.hash = ?1 AND k.revoked_ms IS NULL"
+                ))?
+                .query_row([&hash[..]], app_from_row)
+                .optional()?;
+            Ok(app)
+        })
+    }
+
+    fn agents(&self, app: &str) -> BoxFuture<'_, Result<Vec<AgentRecord>>> {
+        let app = app.to_owned();
+        self.run(move |conn| {
+            let mut statement = conn
+                .prepare_cached("SELECT id, kind, config FROM agents WHERE app = ?1 ORDER BY id")?;
+            let agents = statement
+                .query_map([app], |row| {
+                    Ok(AgentRecord {
+                        id: row.get(0)?,
+                        kind: row.get(1)?,
+                        config: row.get(2)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(agents)
+        })
+    }
+
+    fn put_agent(&self, app: &str, agent: AgentRecord) -> BoxFuture<'_, Result<()>> {
+        let app = app.to_owned();
+        self.run(move |conn| {
+            require_app(conn, &app)?;
+            check_agent_id(&agent.id)?;
+            bump_agents_version(conn, &app)?;
+            conn.prepare_cached(
+                "INSERT INTO agents (app, id, kind, config) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (app, id) DO UPDATE SET kind = excluded.kind, config = excluded.config",
+            )?
+            .execute(params![app, agent.id, agent.kind, agent.config])?;
+            Ok(())
+        })
+    }
+
+    fn set_default_agent(&self, app: &str, agent_id: &str) -> BoxFuture<'_, Result<()>> {
+        let (app, agent_id) = (app.to_owned(), agent_id.to_owned());
+        self.run(move |conn| {
+            require_app(conn, &app)?;
+            let exists: bool = conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM agents WHERE app = ?1 AND id = ?2)")?
+                .query_row(params![app, agent_id], |row| row.get(0))?;
+            if !exists {
+                return Err(StoreError::UnknownAgent {
+                    app,
+                    agent: agent_id,
+                });
+            }
+            conn.prepare_cached("UPDATE apps SET default_agent = ?2 WHERE name = ?1")?
+                .execute(params![app, agent_id])?;
+            bump_agents_version(conn, &app)?;
+            Ok(())
+        })
+    }
+
+    fn remove_agent(&self, app: &str, agent_id: &str) -> BoxFuture<'_, Result<()>> {
+        let (app, agent_id) = (app.to_owned(), agent_id.to_owned());
+        self.run(move |conn| {
+            require_app(conn, &app)?;
+            let default: String = conn
+                .prepare_cached("SELECT default_agent FROM apps WHERE name = ?1")?
+                .query_row([&app], |row| row.get(0))?;
+            if default == agent_id {
+                return Err(StoreError::DefaultAgent {
+                    app,
+                    agent: agent_id,
+                });
+            }
+            let removed = conn
+                .prepare_cached("DELETE FROM agents WHERE app = ?1 AND id = ?2")?
+                .execute(params![app, agent_id])?;
+            if removed == 0 {
+                return Err(StoreError::UnknownAgent {
+                    app,
+                    agent: agent_id,
+                });
+            }
+            bump_agents_version(conn, &app)
+        })
+    }
+
+    fn claim(
+        &self,
+        app: &str,
+        msg_id: &str,
+        inbound: String,
+        now_ms: i64,
+    ) -> BoxFuture<'_, Result<Claim>> {
+        let (app, msg_id) = (app.to_owned(), msg_id.to_owned());
+        self.run(move |conn| {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO messages (app, msg_id, received_ms, inbound) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![app, msg_id, now_ms, inbound])?;
+            if inserted == 1 {
+                return Ok(Claim::New);
+            }
+            let response: Option<String> = conn
+                .prepare_cached("SELECT response FROM messages WHERE app = ?1 AND msg_id = ?2")?
+                .query_row(params![app, msg_id], |row| row.get(0))?;
+            Ok(response.map_or(Claim::Pending, Claim::Answered))
+        })
+    }
+
+    fn complete(&self, completion: Completion) -> BoxFuture<'_, Result<()>> {
+        self.run(move |conn| {
+            conn.prepare_cached(
+                "UPDATE messages SET response = ?3 WHERE app = ?1 AND msg_id = ?2",
+            )?
+            .execute(params![
+                completion.app,
+                completion.msg_id,
+                completion.response
+            ])?;
+            append_history(conn, &completion.app, &completion.history)
+        })
+    }
+
+    fn history(
+        &self,
+        app: &str,
+        conversation: &str,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<String>>> {
+        let (app, conversation) = (app.to_owned(), conversation.to_owned());
+        self.run(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT message FROM history WHERE app = ?1 AND conversation = ?2 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let mut newest_first: Vec<String> = statement
+                .query_map(params![app, conversation, limit], |row| row.get(0))?
+                .collect::<rusqlite::Result<_>>()?;
+            newest_first.reverse();
+            Ok(newest_first)
+        })
+    }
+
+    fn defer(
+        &self,
+        app: &str,
+        msg_id: &str,
+        agent: &str,
+        until_ms: i64,
+    ) -> BoxFuture<'_, Result<()>> {
+        let (app, msg_id, agent) = (app.to_owned(), msg_id.to_owned(), agent.to_owned());
+        self.run(move |conn| {
+            conn.prepare_cached(
+                "UPDATE messages SET deferred_until = ?3, deferred_agent = ?4 WHERE app = ?1 AND msg_id = ?2",
+            )?
+            .execute(params![app, msg_id, until_ms, agent])?;
+            Ok(())
+        })
+    }
+
+    fn deferred(&self) -> BoxFuture<'_, Result<Vec<DeferredMessage>>> {
+        self.run(|conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT app, inbound, deferred_agent, deferred_until FROM messages
+                 WHERE response IS NULL AND deferred_until IS NOT NULL ORDER BY deferred_until",
+            )?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok(DeferredMessage {
+                        app: row.get(0)?,
+                        inbound: row.get(1)?,
+                        agent: row.get(2)?,
+                        until_ms: row.get(3)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn append_history(&self, app: &str, entries: Vec<HistoryEntry>) -> BoxFuture<'_, Result<()>> {
+        let app = app.to_owned();
+        self.run(move |conn| append_history(conn, &app, &entries))
+    }
+
+    fn unanswered(&self) -> BoxFuture<'_, Result<Vec<Unanswered>>> {
+        self.run(|conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT app, inbound FROM messages
+                 WHERE response IS NULL AND deferred_until IS NULL ORDER BY received_ms",
+            )?;
+            let rows = statement
+                .query_map([], |row| {
+                    Ok(Unanswered {
+                        app: row.get(0)?,
+                        inbound: row.get(1)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(rows)
+        })
+    }
+
+    fn outbox_push(
+        &self,
+        app: &str,
+        message: String,
+        now_ms: i64,
+        expires_ms: i64,
+    ) -> BoxFuture<'_, Result<i64>> {
+        let app = app.to_owned();
+        self.run(move |conn| {
+            conn.prepare_cached(
+                "INSERT INTO outbox (app, created_ms, expires_ms, message) VALUES (?1, ?2, ?3, ?4)",
+            )?
+            .execute(params![app, now_ms, expires_ms, message])?;
+            Ok(conn.last_insert_rowid())
+        })
+    }
+
+    fn outbox_peek(
+        &self,
+        app: &str,
+        after: i64,
+        limit: u32,
+    ) -> BoxFuture<'_, Result<Vec<OutboxEntry>>> {
+        let app = app.to_owned();
+        self.run(move |conn| {
+            let mut statement = conn.prepare_cached(
+                "SELECT id, message FROM outbox WHERE app = ?1 AND id > ?2 ORDER BY id LIMIT ?3",
+            )?;
+            let entries = statement
+                .query_map(params![app, after, limit], |row| {
+                    Ok(OutboxEntry {
+                        id: row.get(0)?,
+                        message: row.get(1)?,
+                    })
+                })?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(entries)
+        })
+    }
+
+    fn outbox_remove(&self, app: &str, ids: Vec<i64>) -> BoxFuture<'_, Result<()>> {
+        let app = app.to_owned();
+        self.run(move |conn| {
+            let mut remove =
+                conn.prepare_cached("DELETE FROM outbox WHERE app = ?1 AND id = ?2")?;
+            for id in ids {
+                remove.execute(params![app, id])?;
+            }
+            Ok(())
+        })
+    }
+
+    fn outbox_depths(&self) -> BoxFuture<'_, Result<Vec<(String, u64)>>> {
+        self.run(|conn| {
+            let mut statement =
+                conn.prepare_cached("SELECT app, COUNT(*) FROM outbox GROUP BY app")?;
+            let depths = statement
+                .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))?
+                .collect::<rusqlite::Result<_>>()?;
+            Ok(depths)
+        })
+    }
+
+    fn purge(&self, before: PurgeBefore) -> BoxFuture<'_, Result<Purged>> {
+        Box::pin(async move {
+            let (mut purged, expired_files) = self
+                .run(move |conn| {
+                    let dedup = conn
+                        .prepare_cached(
+                            "DELETE FROM messages WHERE received_ms < ?1 AND response IS NOT NULL",
+                        )?
+                        .execute([before.dedup])? as u64;
+                    let history = conn
+                        .prepare_cached("DELETE FROM history WHERE at_ms < ?1")?
+                        .execute([before.history])? as u64;
+                    let outbox_expired = conn
+                        .prepare_cached(
+                            "SELECT app, COUNT(*) FROM outbox WHERE expires_ms < ?1 GROUP BY app ORDER BY app",
+                        )?
+                        .query_map([before.outbox], |row| Ok((row.get(0)?, row.get(1)?)))?
+                        .collect::<rusqlite::Result<_>>()?;
+                    conn.prepare_cached("DELETE FROM outbox WHERE expires_ms < ?1")?
+                        .execute([before.outbox])?;
+                    let files: Vec<String> = conn
+                        .prepare_cached("DELETE FROM files WHERE created_ms < ?1 RETURNING id")?
+                        .query_map([before.files], |row| row.get(0))?
+                        .collect::<rusqlite::Result<_>>()?;
+                    let purged = Purged { dedup, history, files: files.len() as u64, outbox_expired };
+                    Ok((purged, files))
+                })
+                .await?;
+            // The rows are gone (committed) before the bytes: a crash in between leaves an
+            // orphaned file on disk, never a row pointing at nothing.
+            for id in expired_files {
+                if let Err(err) = tokio::fs::remove_file(self.files.join(&id)).await
+                    && err.kind() != std::io::ErrorKind::NotFound
+                {
+                    tracing::warn!(file = %id, error = %err, "expired file not removed from disk");
+                    purged.files -= 1;
+                }
+            }
+            Ok(purged)
+        })
+    }
+
+    fn put_file(
+        &self,
+        app: &str,
+        content_type: &str,
+        bytes: Vec<u8>,
+        now_ms: i64,
+    ) -> BoxFuture<'_, Result<FileMeta>> {
+        let (app, content_type) = (app.to_owned(), content_type.to_owned());
+        Box::pin(async move {
+            let id = new_file_id()?;
+            let (path, partial) = (
+                self.files.join(&id),
+                self.files.join(format!(".partial-{id}")),
+            );
+            let size = bytes.len() as u64;
+            // Written whole under a temporary name, then renamed: a crash never leaves a
+            // truncated file under a real id.
+            tokio::fs::write(&partial, bytes).await?;
+            tokio::fs::rename(&partial, &path).await?;
+            let meta = FileMeta {
+                id,
+                content_type,
+                size,
+                created_ms: now_ms,
+            };
+            let row = meta.clone();
+            let stored = self
+                .run(move |conn| {
+                    require_app(conn, &app)?;
+                    conn.prepare_cached(
+                        "INSERT INTO files (id, app, content_type, size, created_ms) VALUES (?1, ?2, ?3, ?4, ?5)",
+                    )?
+                    .execute(params![row.id, app, row.content_type, row.size, row.created_ms])?;
+                    Ok(())
+                })
+                .await;
+            if let Err(err) = stored {
+                tokio::fs::remove_file(&path).await.ok();
+                return Err(err);
+            }
+            Ok(meta)
+        })
+    }
+
+    fn get_file(&self, app: &str, id: &str) -> BoxFuture<'_, Result<Option<StoredFile>>> {
+        let (app, id) = (app.to_owned(), id.to_owned());
+        Box::pin(async move {
+            if !is_file_id(&id) {
+                return Ok(None);
+            }
+            let meta = self
+                .run(move |conn| {
+                    let meta = conn
+                        .prepare_cached(
+                            "SELECT id, content_type, size, created_ms FROM files WHERE app = ?1 AND id = ?2",
+                        )?
+                        .query_row(params![app, id], |row| {
+                            Ok(FileMeta {
+                                id: row.get(0)?,
+                                content_type: row.get(1)?,
+                                size: row.get(2)?,
+                                created_ms: row.get(3)?,
+                            })
+                        })
+                        .optional()?;
+                    Ok(meta)
+                })
+                .await?;
+            let Some(meta) = meta else { return Ok(None) };
+            let bytes = tokio::fs::read(self.files.join(&meta.id)).await?;
+            Ok(Some((meta, bytes)))
+        })
+    }
+
+    fn first_missing_file(
+        &self,
+        app: &str,
+        ids: Vec<String>,
+    ) -> BoxFuture<'_, Result<Option<String>>> {
+        let app = app.to_owned();
+        self.run(move |conn| {
+            let mut exists = conn
+                .prepare_cached("SELECT EXISTS (SELECT 1 FROM files WHERE app = ?1 AND id = ?2)")?;
+            for id in ids {
+                if !is_file_id(&id)
+                    || !exists.query_row(params![app, id], |row| row.get::<_, bool>(0))?
+                {
+                    return Ok(Some(id));
+                }
+            }
+            Ok(None)
+        })
+    }
+}

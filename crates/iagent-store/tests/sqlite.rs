@@ -1,0 +1,1195 @@
+//! Proves the SQLite store's behaviour through the [`Store`] trait, against a real database in a
+//! temporary directory: apps and their validation, tokens (lookup, rotation, revocation, and that
+//! only their SHA-256 hashes ever reach the database files), the dedup record of `msg_id`s
+//! (claim, complete, unanswered), the outbox (push, peek, remove, depths, isolation between
+//! apps), purging of expired records, durability across a reopen, and the writer's batching:
+//! concurrent claims of one `msg_id` yield exactly one `New`, and a failing job does not take its
+//! batch down with it.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::path::Path;
+use std::sync::Arc;
+
+use iagent_store::{
+    AgentRecord, Claim, Completion, Durability, HistoryEntry, PurgeBefore, SqliteStore, Store,
+    StoreError, Unanswered, token,
+};
+use tokio::task::JoinSet;
+
+const NOW: i64 = 1_700_000_000_000;
+
+fn open(dir: &Path) -> SqliteStore {
+    SqliteStore::open(dir, Durability::default()).expect("open the store")
+}
+
+/// A store in a fresh temporary directory; the directory lives as long as the returned guard.
+fn fresh() -> (tempfile::TempDir, SqliteStore) {
+    let dir = tempfile::tempdir().expect("temporary directory");
+    let store = open(dir.path());
+    (dir, store)
+}
+
+/// Every byte the database has on disk: the main file and, if present, its write-ahead log.
+fn database_bytes(store: &SqliteStore) -> Vec<u8> {
+    let mut bytes = std::fs::read(store.path()).expect("read the database file");
+    let mut wal = store.path().as_os_str().to_owned();
+    wal.push("-wal");
+    if let Ok(log) = std::fs::read(&wal) {
+        bytes.extend_from_slice(&log);
+    }
+    bytes
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
+}
+
+fn completion(app: &str, msg_id: &str, response: &str, history: Vec<HistoryEntry>) -> Completion {
+    Completion {
+        app: app.into(),
+        msg_id: msg_id.into(),
+        response: response.into(),
+        history,
+    }
+}
+
+fn history(conversation: &str, at_ms: i64, message: &str) -> HistoryEntry {
+    HistoryEntry {
+        conversation: conversation.into(),
+        at_ms,
+        message: message.into(),
+    }
+}
+
+fn sorted<T: Ord>(mut items: Vec<T>) -> Vec<T> {
+    items.sort();
+    items
+}
+
+// ---------------------------------------------------------------------------------------------
+// Apps
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn create_app_returns_the_app_with_echo_default_and_a_prefixed_token() {
+    let (_dir, store) = fresh();
+    let (app, token) = store.create_app("shop", NOW).await.unwrap();
+    assert_eq!(app.name, "shop");
+    assert_eq!(app.created_ms, NOW);
+    assert_eq!(app.default_agent, "echo");
+    assert_eq!(app.live_tokens, 1);
+    assert!(
+        token.expose().starts_with("iat_"),
+        "token has the iat_ prefix"
+    );
+    assert_eq!(token.expose().len(), "iat_".len() + 64);
+
+    let listed = store.list_apps().await.unwrap();
+    assert_eq!(listed, vec![app]);
+}
+
+#[tokio::test]
+async fn creating_an_app_twice_fails_with_app_exists() {
+    let (_dir, store) = fresh();
+    let (_, first) = store.create_app("shop", NOW).await.unwrap();
+    let err = store.create_app("shop", NOW + 1).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::AppExists(name) if name == "shop"),
+        "got {err:?}"
+    );
+    // The failed attempt changed nothing: one app, its first token still the one that works.
+    let apps = store.list_apps().await.unwrap();
+    assert_eq!(apps.len(), 1);
+    assert_eq!(apps[0].created_ms, NOW);
+    assert_eq!(apps[0].live_tokens, 1);
+    let found = store.app_for_token(first.expose()).await.unwrap();
+    assert_eq!(found.map(|app| app.name), Some("shop".to_owned()));
+}
+
+#[tokio::test]
+async fn invalid_app_names_are_refused() {
+    let (_dir, store) = fresh();
+    let too_long = "a".repeat(65);
+    for name in [
+        "",
+        "Upper",
+        "a b",
+        "caf\u{e9}",
+        "dot.ted",
+        too_long.as_str(),
+    ] {
+        let err = store.create_app(name, NOW).await.unwrap_err();
+        assert!(
+            matches!(&err, StoreError::InvalidAppName(got) if got == name),
+            "{name:?}: got {err:?}"
+        );
+    }
+    assert!(store.list_apps().await.unwrap().is_empty());
+
+    // The edges of the valid range are accepted.
+    let longest = "z".repeat(64);
+    for name in ["a", "a-b_c-0-9", longest.as_str()] {
+        let (app, _) = store.create_app(name, NOW).await.unwrap();
+        assert_eq!(app.name, name);
+    }
+}
+
+#[tokio::test]
+async fn list_apps_is_sorted_by_name() {
+    let (_dir, store) = fresh();
+    for name in ["mango", "apple", "zebra", "banana", "a-1"] {
+        store.create_app(name, NOW).await.unwrap();
+    }
+    let names: Vec<String> = store
+        .list_apps()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|app| app.name)
+        .collect();
+    assert_eq!(names, ["a-1", "apple", "banana", "mango", "zebra"]);
+}
+
+#[tokio::test]
+async fn a_new_app_has_the_echo_agent() {
+    let (_dir, store) = fresh();
+    store.create_app("shop", NOW).await.unwrap();
+    store.create_app("other", NOW).await.unwrap();
+    let agents = store.agents("shop").await.unwrap();
+    assert_eq!(
+        agents,
+        vec![AgentRecord {
+            id: "echo".into(),
+            kind: "echo".into(),
+            config: "{}".into(),
+        }]
+    );
+    assert!(store.agents("nobody").await.unwrap().is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Tokens
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn app_for_token_finds_the_owner_and_nothing_for_a_wrong_token() {
+    let (_dir, store) = fresh();
+    let (shop, shop_token) = store.create_app("shop", NOW).await.unwrap();
+    let (blog, blog_token) = store.create_app("blog", NOW).await.unwrap();
+
+    assert_eq!(
+        store.app_for_token(shop_token.expose()).await.unwrap(),
+        Some(shop)
+    );
+    assert_eq!(
+        store.app_for_token(blog_token.expose()).await.unwrap(),
+        Some(blog)
+    );
+    let wrong = format!("iat_{}", "0".repeat(64));
+    assert_eq!(store.app_for_token(&wrong).await.unwrap(), None);
+    assert_eq!(store.app_for_token("").await.unwrap(), None);
+    // A token differing in its last character is not the token.
+    let mut almost = shop_token.expose().to_owned();
+    let last = almost.pop().unwrap();
+    almost.push(if last == '0' { '1' } else { '0' });
+    assert_eq!(store.app_for_token(&almost).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn rotate_token_retires_the_old_token_and_issues_a_working_one() {
+    let (_dir, store) = fresh();
+    let (_, old) = store.create_app("shop", NOW).await.unwrap();
+    let (_, other) = store.create_app("other", NOW).await.unwrap();
+
+    let new = store.rotate_token("shop", NOW + 1).await.unwrap();
+    assert_ne!(new, old);
+    assert!(new.expose().starts_with("iat_"));
+    assert_eq!(store.app_for_token(old.expose()).await.unwrap(), None);
+    let found = store.app_for_token(new.expose()).await.unwrap().unwrap();
+    assert_eq!(found.name, "shop");
+    assert_eq!(found.live_tokens, 1);
+    // Another app's token is untouched.
+    let found = store.app_for_token(other.expose()).await.unwrap().unwrap();
+    assert_eq!(found.name, "other");
+}
+
+#[tokio::test]
+async fn revoke_tokens_counts_the_live_ones_and_they_stop_working() {
+    let (_dir, store) = fresh();
+    let (_, token) = store.create_app("shop", NOW).await.unwrap();
+    let (_, other) = store.create_app("other", NOW).await.unwrap();
+
+    assert_eq!(store.revoke_tokens("shop", NOW + 1).await.unwrap(), 1);
+    assert_eq!(store.app_for_token(token.expose()).await.unwrap(), None);
+    let apps = store.list_apps().await.unwrap();
+    let shop = apps.iter().find(|app| app.name == "shop").unwrap();
+    assert_eq!(shop.live_tokens, 0);
+    // Nothing left to revoke.
+    assert_eq!(store.revoke_tokens("shop", NOW + 2).await.unwrap(), 0);
+    // The other app keeps its token.
+    assert!(store.app_for_token(other.expose()).await.unwrap().is_some());
+
+    // After a rotation there is again exactly one live token to revoke.
+    let rotated = store.rotate_token("shop", NOW + 3).await.unwrap();
+    assert!(
+        store
+            .app_for_token(rotated.expose())
+            .await
+            .unwrap()
+            .is_some()
+    );
+    assert_eq!(store.revoke_tokens("shop", NOW + 4).await.unwrap(), 1);
+    assert_eq!(store.app_for_token(rotated.expose()).await.unwrap(), None);
+}
+
+#[tokio::test]
+async fn token_operations_on_an_unknown_app_fail() {
+    let (_dir, store) = fresh();
+    store.create_app("shop", NOW).await.unwrap();
+    let err = store.rotate_token("ghost", NOW).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::UnknownApp(name) if name == "ghost"),
+        "got {err:?}"
+    );
+    let err = store.revoke_tokens("ghost", NOW).await.unwrap_err();
+    assert!(
+        matches!(&err, StoreError::UnknownApp(name) if name == "ghost"),
+        "got {err:?}"
+    );
+    // The failed rotation issued no token for anyone.
+    let apps = store.list_apps().await.unwrap();
+    assert_eq!(apps.len(), 1);
+    assert_eq!(apps[0].live_tokens, 1);
+}
+
+#[tokio::test]
+async fn the_database_holds_token_hashes_never_token_text() {
+    let (_dir, store) = fresh();
+    let (_, first) = store.create_app("shop", NOW).await.unwrap();
+    let second = store.rotate_token("shop", NOW + 1).await.unwrap();
+    let (_, third) = store.create_app("blog", NOW + 2).await.unwrap();
+    store.revoke_tokens("blog", NOW + 3).await.unwrap();
+    // The store still answers, so everything above is committed.
+    assert!(
+        store
+            .app_for_token(second.expose())
+            .await
+            .unwrap()
+            .is_some()
+    );
+
+    let check = |bytes: &[u8]| {
+        for token in [&first, &second, &third] {
+            let text = token.expose();
+            assert!(
+                !contains(bytes, text.as_bytes()),
+                "a token's text is in the database"
+            );
+            // Nor the random part alone, nor its hex-encoded hash.
+            assert!(!contains(bytes, &text.as_bytes()["iat_".len()..]));
+            assert!(!contains(bytes, token::hex(&token::hash(text)).as_bytes()));
+            assert!(
+                contains(bytes, &token::hash(text)),
+                "a token's SHA-256 is stored"
+            );
+        }
+    };
+    check(&database_bytes(&store));
+
+    // Also once the store is closed and its log checkpointed into the main file.
+    let path = store.path().to_owned();
+    drop(store);
+    let store = open(path.parent().unwrap());
+    check(&database_bytes(&store));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Claim and complete
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn claim_is_new_then_pending_then_answered() {
+    let (_dir, store) = fresh();
+    let claim = |msg_id: &'static str| store.claim("shop", msg_id, format!("in-{msg_id}"), NOW);
+
+    assert_eq!(claim("m1").await.unwrap(), Claim::New);
+    assert_eq!(claim("m1").await.unwrap(), Claim::Pending);
+    assert_eq!(claim("m1").await.unwrap(), Claim::Pending);
+
+    store
+        .complete(completion("shop", "m1", r#"{"resp_code":0}"#, vec![]))
+        .await
+        .unwrap();
+    assert_eq!(
+        claim("m1").await.unwrap(),
+        Claim::Answered(r#"{"resp_code":0}"#.into())
+    );
+    // Answered stays answered.
+    assert_eq!(
+        claim("m1").await.unwrap(),
+        Claim::Answered(r#"{"resp_code":0}"#.into())
+    );
+    // Another msg_id of the same app is its own.
+    assert_eq!(claim("m2").await.unwrap(), Claim::New);
+}
+
+#[tokio::test]
+async fn the_same_msg_id_in_another_app_is_independent() {
+    let (_dir, store) = fresh();
+    assert_eq!(
+        store.claim("shop", "m1", "a".into(), NOW).await.unwrap(),
+        Claim::New
+    );
+    assert_eq!(
+        store.claim("blog", "m1", "b".into(), NOW).await.unwrap(),
+        Claim::New
+    );
+    store
+        .complete(completion("shop", "m1", "shop-answer", vec![]))
+        .await
+        .unwrap();
+    assert_eq!(
+        store.claim("shop", "m1", "a".into(), NOW).await.unwrap(),
+        Claim::Answered("shop-answer".into())
+    );
+    // Completing shop's m1 did not answer blog's.
+    assert_eq!(
+        store.claim("blog", "m1", "b".into(), NOW).await.unwrap(),
+        Claim::Pending
+    );
+    assert_eq!(
+        store.unanswered().await.unwrap(),
+        vec![Unanswered {
+            app: "blog".into(),
+            inbound: "b".into(),
+        }]
+    );
+}
+
+#[tokio::test]
+async fn unanswered_lists_exactly_the_claimed_and_uncompleted() {
+    let (_dir, store) = fresh();
+    assert!(store.unanswered().await.unwrap().is_empty());
+    for (app, msg_id, at) in [
+        ("shop", "m1", NOW),
+        ("shop", "m2", NOW + 1),
+        ("blog", "m1", NOW + 2),
+        ("shop", "m3", NOW + 3),
+    ] {
+        let inbound = format!(r#"{{"app":"{app}","msg_id":"{msg_id}"}}"#);
+        assert_eq!(
+            store.claim(app, msg_id, inbound, at).await.unwrap(),
+            Claim::New
+        );
+    }
+    // A duplicate claim does not replace the stored inbound text nor add an entry.
+    assert_eq!(
+        store
+            .claim("shop", "m2", "replacement".into(), NOW + 9)
+            .await
+            .unwrap(),
+        Claim::Pending
+    );
+    store
+        .complete(completion("shop", "m2", "done", vec![]))
+        .await
+        .unwrap();
+
+    let unanswered = store.unanswered().await.unwrap();
+    let listed: Vec<(String, String)> = unanswered
+        .into_iter()
+        .map(|entry| (entry.app, entry.inbound))
+        .collect();
+    assert_eq!(
+        sorted(listed),
+        sorted(vec![
+            ("shop".into(), r#"{"app":"shop","msg_id":"m1"}"#.into()),
+            ("blog".into(), r#"{"app":"blog","msg_id":"m1"}"#.into()),
+            ("shop".into(), r#"{"app":"shop","msg_id":"m3"}"#.into()),
+        ])
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Outbox
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn outbox_push_returns_increasing_ids_and_peek_reads_oldest_first() {
+    let (_dir, store) = fresh();
+    let mut shop_ids = Vec::new();
+    let mut blog_ids = Vec::new();
+    for i in 0..6 {
+        shop_ids.push(
+            store
+                .outbox_push("shop", format!("shop-{i}"), NOW, NOW + 1000)
+                .await
+                .unwrap(),
+        );
+        blog_ids.push(
+            store
+                .outbox_push("blog", format!("blog-{i}"), NOW, NOW + 1000)
+                .await
+                .unwrap(),
+        );
+    }
+    let mut all: Vec<i64> = shop_ids.iter().chain(&blog_ids).copied().collect();
+    all.sort_unstable();
+    all.dedup();
+    assert_eq!(all.len(), 12, "ids are unique across apps");
+    assert!(shop_ids.windows(2).all(|pair| pair[0] < pair[1]));
+    assert!(blog_ids.windows(2).all(|pair| pair[0] < pair[1]));
+    assert!(shop_ids[0] < blog_ids[0] && blog_ids[0] < shop_ids[1]);
+
+    // Everything of the app, oldest first, nothing of another app.
+    let peeked = store.outbox_peek("shop", 0, 100).await.unwrap();
+    let ids: Vec<i64> = peeked.iter().map(|entry| entry.id).collect();
+    let messages: Vec<&str> = peeked.iter().map(|entry| entry.message.as_str()).collect();
+    assert_eq!(ids, shop_ids);
+    assert_eq!(
+        messages,
+        ["shop-0", "shop-1", "shop-2", "shop-3", "shop-4", "shop-5"]
+    );
+
+    // `limit` caps the count, `after` skips ids up to and including it.
+    let first_two = store.outbox_peek("shop", 0, 2).await.unwrap();
+    assert_eq!(
+        first_two.iter().map(|entry| entry.id).collect::<Vec<_>>(),
+        shop_ids[..2]
+    );
+    let next_two = store.outbox_peek("shop", shop_ids[1], 2).await.unwrap();
+    assert_eq!(
+        next_two.iter().map(|entry| entry.id).collect::<Vec<_>>(),
+        shop_ids[2..4]
+    );
+    assert_eq!(next_two[0].message, "shop-2");
+    // `after` between two ids of the app.
+    let between = store.outbox_peek("shop", blog_ids[2], 100).await.unwrap();
+    assert_eq!(
+        between.iter().map(|entry| entry.id).collect::<Vec<_>>(),
+        shop_ids[3..]
+    );
+    assert!(
+        store
+            .outbox_peek("shop", shop_ids[5], 100)
+            .await
+            .unwrap()
+            .is_empty()
+    );
+    assert!(store.outbox_peek("shop", 0, 0).await.unwrap().is_empty());
+    assert!(store.outbox_peek("none", 0, 100).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn outbox_remove_removes_only_the_named_ids_of_that_app() {
+    let (_dir, store) = fresh();
+    let a1 = store
+        .outbox_push("shop", "a1".into(), NOW, NOW)
+        .await
+        .unwrap();
+    let a2 = store
+        .outbox_push("shop", "a2".into(), NOW, NOW)
+        .await
+        .unwrap();
+    let a3 = store
+        .outbox_push("shop", "a3".into(), NOW, NOW)
+        .await
+        .unwrap();
+    let b1 = store
+        .outbox_push("blog", "b1".into(), NOW, NOW)
+        .await
+        .unwrap();
+    let b2 = store
+        .outbox_push("blog", "b2".into(), NOW, NOW)
+        .await
+        .unwrap();
+
+    // Naming blog's id with shop removes nothing of blog; unknown ids are ignored.
+    store
+        .outbox_remove("shop", vec![a1, a3, b1, 999_999])
+        .await
+        .unwrap();
+    let shop: Vec<i64> = store
+        .outbox_peek("shop", 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| entry.id)
+        .collect();
+    assert_eq!(shop, [a2]);
+    let blog: Vec<i64> = store
+        .outbox_peek("blog", 0, 100)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|entry| entry.id)
+        .collect();
+    assert_eq!(blog, [b1, b2]);
+    assert_eq!(
+        sorted(store.outbox_depths().await.unwrap()),
+        [("blog".to_owned(), 2), ("shop".to_owned(), 1)]
+    );
+
+    // Removing with the right app does remove it; an empty list is a no-op.
+    store.outbox_remove("blog", vec![b1]).await.unwrap();
+    store.outbox_remove("blog", vec![]).await.unwrap();
+    let blog = store.outbox_peek("blog", 0, 100).await.unwrap();
+    assert_eq!(blog.len(), 1);
+    assert_eq!(blog[0].id, b2);
+    assert_eq!(blog[0].message, "b2");
+}
+
+#[tokio::test]
+async fn outbox_depths_counts_per_app() {
+    let (_dir, store) = fresh();
+    assert!(store.outbox_depths().await.unwrap().is_empty());
+    for (app, count) in [("shop", 3), ("blog", 1), ("news", 5)] {
+        for i in 0..count {
+            store
+                .outbox_push(app, format!("{app}-{i}"), NOW, NOW + 10)
+                .await
+                .unwrap();
+        }
+    }
+    assert_eq!(
+        sorted(store.outbox_depths().await.unwrap()),
+        [
+            ("blog".to_owned(), 1),
+            ("news".to_owned(), 5),
+            ("shop".to_owned(), 3)
+        ]
+    );
+    let blog = store.outbox_peek("blog", 0, 10).await.unwrap();
+    store
+        .outbox_remove("blog", blog.iter().map(|entry| entry.id).collect())
+        .await
+        .unwrap();
+    // An emptied outbox is no longer listed.
+    assert_eq!(
+        sorted(store.outbox_depths().await.unwrap()),
+        [("news".to_owned(), 5), ("shop".to_owned(), 3)]
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Purge
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn purge_forgets_old_answered_messages_but_keeps_pending_ones() {
+    let (_dir, store) = fresh();
+    let cut = NOW;
+    // Old and answered: forgotten. Old and pending: kept. Recent and answered: kept.
+    store
+        .claim("shop", "old-done", "i1".into(), cut - 10)
+        .await
+        .unwrap();
+    store
+        .claim("shop", "old-pending", "i2".into(), cut - 10)
+        .await
+        .unwrap();
+    store
+        .claim("shop", "new-done", "i3".into(), cut)
+        .await
+        .unwrap();
+    store
+        .complete(completion("shop", "old-done", "r1", vec![]))
+        .await
+        .unwrap();
+    store
+        .complete(completion("shop", "new-done", "r3", vec![]))
+        .await
+        .unwrap();
+
+    let purged = store
+        .purge(PurgeBefore {
+            dedup: cut,
+            history: 0,
+            outbox: 0,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(purged.dedup, 1);
+    assert_eq!(purged.history, 0);
+    assert!(purged.outbox_expired.is_empty());
+
+    assert_eq!(
+        store
+            .claim("shop", "old-done", "again".into(), cut + 1)
+            .await
+            .unwrap(),
+        Claim::New,
+        "a forgotten msg_id is new again"
+    );
+    assert_eq!(
+        store
+            .claim("shop", "old-pending", "again".into(), cut + 1)
+            .await
+            .unwrap(),
+        Claim::Pending,
+        "a pending message is kept regardless of age"
+    );
+    assert_eq!(
+        store
+            .claim("shop", "new-done", "again".into(), cut + 1)
+            .await
+            .unwrap(),
+        Claim::Answered("r3".into())
+    );
+    // The pending one still awaits recovery, with its original inbound text.
+    let unanswered = store.unanswered().await.unwrap();
+    assert!(unanswered.contains(&Unanswered {
+        app: "shop".into(),
+        inbound: "i2".into(),
+    }));
+
+    // A purge far in the future still keeps pending messages.
+    let purged = store
+        .purge(PurgeBefore {
+            dedup: i64::MAX,
+            history: 0,
+            outbox: 0,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(purged.dedup, 1, "only new-done was answered and left");
+    assert_eq!(
+        store
+            .claim("shop", "old-pending", "x".into(), cut + 2)
+            .await
+            .unwrap(),
+        Claim::Pending
+    );
+}
+
+#[tokio::test]
+async fn purge_removes_expired_outbox_entries_and_reports_them_per_app() {
+    let (_dir, store) = fresh();
+    let cut = NOW;
+    for (app, expires) in [
+        ("shop", cut - 5),
+        ("shop", cut - 1),
+        ("shop", cut),
+        ("blog", cut - 100),
+        ("blog", cut + 100),
+        ("news", cut + 1),
+    ] {
+        store
+            .outbox_push(app, format!("{app}@{expires}"), cut - 1000, expires)
+            .await
+            .unwrap();
+    }
+    let purged = store
+        .purge(PurgeBefore {
+            dedup: 0,
+            history: 0,
+            outbox: cut,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        purged.outbox_expired,
+        [("blog".to_owned(), 1), ("shop".to_owned(), 2)]
+    );
+    assert_eq!(purged.dedup, 0);
+    assert_eq!(purged.history, 0);
+
+    let messages = |entries: Vec<iagent_store::OutboxEntry>| {
+        entries
+            .into_iter()
+            .map(|entry| entry.message)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(
+        messages(store.outbox_peek("shop", 0, 10).await.unwrap()),
+        [format!("shop@{cut}")]
+    );
+    assert_eq!(
+        messages(store.outbox_peek("blog", 0, 10).await.unwrap()),
+        [format!("blog@{}", cut + 100)]
+    );
+    assert_eq!(
+        sorted(store.outbox_depths().await.unwrap()),
+        [
+            ("blog".to_owned(), 1),
+            ("news".to_owned(), 1),
+            ("shop".to_owned(), 1)
+        ]
+    );
+
+    // Nothing left to expire at the same cut-off.
+    let again = store
+        .purge(PurgeBefore {
+            dedup: 0,
+            history: 0,
+            outbox: cut,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    assert!(again.outbox_expired.is_empty());
+}
+
+#[tokio::test]
+async fn purge_counts_history_before_the_cut_off() {
+    let (_dir, store) = fresh();
+    let cut = NOW;
+    store.claim("shop", "m1", "i".into(), cut).await.unwrap();
+    store.claim("blog", "m1", "i".into(), cut).await.unwrap();
+    store
+        .complete(completion(
+            "shop",
+            "m1",
+            "r",
+            vec![
+                history("c1", cut - 20, "q"),
+                history("c1", cut - 10, "a"),
+                history("c2", cut, "kept"),
+            ],
+        ))
+        .await
+        .unwrap();
+    store
+        .complete(completion(
+            "blog",
+            "m1",
+            "r",
+            vec![history("c9", cut - 1, "q"), history("c9", cut + 5, "kept")],
+        ))
+        .await
+        .unwrap();
+
+    let purged = store
+        .purge(PurgeBefore {
+            dedup: 0,
+            history: cut,
+            outbox: 0,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(purged.history, 3);
+    assert_eq!(purged.dedup, 0, "the dedup cut-off is independent");
+    // The removed ones are gone: the same cut-off finds nothing more, a later one the rest.
+    let again = store
+        .purge(PurgeBefore {
+            dedup: 0,
+            history: cut,
+            outbox: 0,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(again.history, 0);
+    let rest = store
+        .purge(PurgeBefore {
+            dedup: 0,
+            history: i64::MAX,
+            outbox: 0,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(rest.history, 2);
+    // Dedup records are untouched by history purges.
+    assert_eq!(
+        store.claim("shop", "m1", "i".into(), cut).await.unwrap(),
+        Claim::Answered("r".into())
+    );
+}
+
+// ---------------------------------------------------------------------------------------------
+// Durability
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn everything_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().join("nested").join("data");
+    let store = open(&data);
+    let (app, token) = store.create_app("shop", NOW).await.unwrap();
+    store.claim("shop", "m1", "in-1".into(), NOW).await.unwrap();
+    store.claim("shop", "m2", "in-2".into(), NOW).await.unwrap();
+    store
+        .complete(completion(
+            "shop",
+            "m1",
+            "out-1",
+            vec![history("c", NOW - 1, "h")],
+        ))
+        .await
+        .unwrap();
+    let id = store
+        .outbox_push("shop", "queued".into(), NOW, NOW + 1000)
+        .await
+        .unwrap();
+    drop(store);
+
+    let store = open(&data);
+    assert_eq!(store.list_apps().await.unwrap(), vec![app.clone()]);
+    assert_eq!(
+        store.app_for_token(token.expose()).await.unwrap(),
+        Some(app)
+    );
+    assert_eq!(store.agents("shop").await.unwrap().len(), 1);
+    assert_eq!(
+        store.claim("shop", "m1", "x".into(), NOW).await.unwrap(),
+        Claim::Answered("out-1".into())
+    );
+    assert_eq!(
+        store.claim("shop", "m2", "x".into(), NOW).await.unwrap(),
+        Claim::Pending
+    );
+    assert_eq!(
+        store.unanswered().await.unwrap(),
+        vec![Unanswered {
+            app: "shop".into(),
+            inbound: "in-2".into(),
+        }]
+    );
+    let outbox = store.outbox_peek("shop", 0, 10).await.unwrap();
+    assert_eq!(outbox.len(), 1);
+    assert_eq!(outbox[0].id, id);
+    assert_eq!(outbox[0].message, "queued");
+    // The history entry is there too: a purge past it removes exactly one.
+    let purged = store
+        .purge(PurgeBefore {
+            dedup: 0,
+            history: NOW,
+            outbox: 0,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(purged.history, 1);
+    // A new id after the reopen is above the surviving one.
+    let next = store
+        .outbox_push("shop", "later".into(), NOW, NOW + 1000)
+        .await
+        .unwrap();
+    assert!(next > id);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Batching under concurrency
+// ---------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_claims_yield_exactly_one_new_per_msg_id() {
+    const DISTINCT: usize = 500;
+    const DUPLICATES: usize = 500;
+    const SUBSET: usize = 50;
+
+    let (_dir, store) = fresh();
+    let store = Arc::new(store);
+    let mut tasks = JoinSet::new();
+    // Interleave originals and duplicates so that both race in the same batches.
+    for i in 0..DISTINCT.max(DUPLICATES) {
+        if i < DISTINCT {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let msg_id = format!("m{i}");
+                let claim = store.claim("shop", &msg_id, format!("in-{i}"), NOW).await;
+                (msg_id, claim)
+            });
+        }
+        if i < DUPLICATES {
+            let store = store.clone();
+            let j = i % SUBSET;
+            tasks.spawn(async move {
+                let msg_id = format!("m{j}");
+                let claim = store.claim("shop", &msg_id, format!("in-{j}"), NOW).await;
+                (msg_id, claim)
+            });
+        }
+    }
+
+    let mut new: HashMap<String, usize> = HashMap::new();
+    let mut pending = 0;
+    while let Some(joined) = tasks.join_next().await {
+        let (msg_id, claim) = joined.expect("task");
+        match claim.expect("claim") {
+            Claim::New => *new.entry(msg_id).or_default() += 1,
+            Claim::Pending => pending += 1,
+            other @ Claim::Answered(_) => panic!("{msg_id}: unexpected {other:?}"),
+        }
+    }
+    assert_eq!(new.len(), DISTINCT, "every msg_id was claimed as new once");
+    assert!(
+        new.values().all(|&count| count == 1),
+        "some msg_id was new more than once"
+    );
+    assert_eq!(pending, DUPLICATES);
+    assert_eq!(store.unanswered().await.unwrap().len(), DISTINCT);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failing_job_does_not_poison_its_batch() {
+    let (_dir, store) = fresh();
+    let store = Arc::new(store);
+    store.create_app("taken", NOW).await.unwrap();
+
+    enum Outcome {
+        Created(String, iagent_store::Token),
+        Failed(StoreError),
+    }
+    let mut tasks = JoinSet::new();
+    for i in 0..40 {
+        let creator = store.clone();
+        tasks.spawn(async move {
+            let name = format!("app-{i:02}");
+            match creator.create_app(&name, NOW).await {
+                Ok((app, token)) => {
+                    assert_eq!(app.name, name);
+                    Outcome::Created(name, token)
+                }
+                Err(err) => panic!("{name}: {err:?}"),
+            }
+        });
+        // Between the valid jobs: ones that fail in different ways.
+        let failer = store.clone();
+        tasks.spawn(async move {
+            let result = match i % 4 {
+                0 => failer.rotate_token("ghost", NOW).await.map(|_| ()),
+                1 => failer.revoke_tokens("ghost", NOW).await.map(|_| ()),
+                2 => failer.create_app("taken", NOW).await.map(|_| ()),
+                _ => failer.create_app("Not Valid", NOW).await.map(|_| ()),
+            };
+            Outcome::Failed(result.expect_err("this job must fail"))
+        });
+    }
+
+    let mut created = Vec::new();
+    let mut failed = 0;
+    while let Some(joined) = tasks.join_next().await {
+        match joined.expect("no job panicked") {
+            Outcome::Created(name, token) => created.push((name, token)),
+            Outcome::Failed(err) => {
+                assert!(
+                    matches!(
+                        err,
+                        StoreError::UnknownApp(_)
+                            | StoreError::AppExists(_)
+                            | StoreError::InvalidAppName(_)
+                    ),
+                    "a failing job failed for its own reason, not the batch's: {err:?}"
+                );
+                failed += 1;
+            }
+        }
+    }
+    assert_eq!(failed, 40);
+    assert_eq!(created.len(), 40);
+
+    let names: Vec<String> = store
+        .list_apps()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|app| app.name)
+        .collect();
+    let mut expected: Vec<String> = (0..40).map(|i| format!("app-{i:02}")).collect();
+    expected.push("taken".into());
+    assert_eq!(names, expected);
+    // Each created app is whole: its agent and its token were committed with it.
+    for (name, token) in created {
+        let app = store.app_for_token(token.expose()).await.unwrap();
+        assert_eq!(app.map(|app| app.name), Some(name.clone()));
+        assert_eq!(store.agents(&name).await.unwrap().len(), 1);
+    }
+}
+
+/// The server tracks outbox entries in transit by id; an id handed out again after the newest
+/// entry was removed would make a new entry look like one already on its way.
+#[tokio::test]
+async fn outbox_ids_are_never_reused() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), Durability::default()).unwrap();
+    let first = store.outbox_push("shop", "a".into(), 0, 10).await.unwrap();
+    let second = store.outbox_push("shop", "b".into(), 0, 10).await.unwrap();
+    store.outbox_remove("shop", vec![second]).await.unwrap();
+    let third = store.outbox_push("blog", "c".into(), 0, 10).await.unwrap();
+    assert!(first < second && second < third, "{first} {second} {third}");
+}
+
+#[tokio::test]
+async fn agents_are_added_replaced_and_made_default() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), Durability::default()).unwrap();
+    store.create_app("shop", 0).await.unwrap();
+    let helper = |config: &str| iagent_store::AgentRecord {
+        id: "helper".into(),
+        kind: "echo".into(),
+        config: config.into(),
+    };
+    store.put_agent("shop", helper("{}")).await.unwrap();
+    store
+        .put_agent("shop", helper(r#"{"strategy":{}}"#))
+        .await
+        .unwrap();
+    let agents = store.agents("shop").await.unwrap();
+    assert_eq!(agents.len(), 2, "{agents:?}");
+    assert!(
+        agents.contains(&helper(r#"{"strategy":{}}"#)),
+        "replaced, not duplicated"
+    );
+
+    store.set_default_agent("shop", "helper").await.unwrap();
+    assert_eq!(store.list_apps().await.unwrap()[0].default_agent, "helper");
+    assert!(matches!(
+        store.set_default_agent("shop", "nobody").await,
+        Err(iagent_store::StoreError::UnknownAgent { .. })
+    ));
+    assert!(matches!(
+        store.put_agent("nope", helper("{}")).await,
+        Err(iagent_store::StoreError::UnknownApp(_))
+    ));
+    assert_eq!(store.list_apps().await.unwrap()[0].default_agent, "helper");
+}
+
+#[tokio::test]
+async fn files_are_stored_per_app_and_purged_from_disk() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), Durability::default()).unwrap();
+    store.create_app("shop", 0).await.unwrap();
+    store.create_app("blog", 0).await.unwrap();
+    let meta = store
+        .put_file("shop", "image/png", vec![1, 2, 3], 1_000)
+        .await
+        .unwrap();
+    assert!(iagent_store::is_file_id(&meta.id), "{}", meta.id);
+    assert_eq!((meta.size, meta.content_type.as_str()), (3, "image/png"));
+
+    let (read, bytes) = store
+        .get_file("shop", &meta.id)
+        .await
+        .unwrap()
+        .expect("stored");
+    assert_eq!((read, bytes), (meta.clone(), vec![1, 2, 3]));
+    assert_eq!(
+        store.get_file("blog", &meta.id).await.unwrap(),
+        None,
+        "another app's file"
+    );
+    assert_eq!(
+        store.get_file("shop", "../iagent.sqlite3").await.unwrap(),
+        None
+    );
+
+    let ids = vec![
+        meta.id.clone(),
+        "f00000000000000000000000000000000".into(),
+        "../x".into(),
+    ];
+    assert_eq!(
+        store
+            .first_missing_file("shop", ids)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("f00000000000000000000000000000000")
+    );
+    assert_eq!(
+        store
+            .first_missing_file("shop", vec![meta.id.clone()])
+            .await
+            .unwrap(),
+        None
+    );
+    assert_eq!(
+        store
+            .first_missing_file("blog", vec![meta.id.clone()])
+            .await
+            .unwrap(),
+        Some(meta.id.clone())
+    );
+    assert!(matches!(
+        store.put_file("nope", "image/png", vec![1], 0).await,
+        Err(iagent_store::StoreError::UnknownApp(_))
+    ));
+
+    let on_disk = dir
+        .path()
+        .join(iagent_store::sqlite::FILES_DIR)
+        .join(&meta.id);
+    assert!(on_disk.exists());
+    let before = |files| PurgeBefore {
+        dedup: 0,
+        history: 0,
+        outbox: 0,
+        files,
+    };
+    assert_eq!(
+        store.purge(before(1_000)).await.unwrap().files,
+        0,
+        "not yet expired"
+    );
+    assert_eq!(store.purge(before(1_001)).await.unwrap().files, 1);
+    assert!(!on_disk.exists(), "the bytes are gone with the row");
+    assert_eq!(store.get_file("shop", &meta.id).await.unwrap(), None);
+    let leftovers: Vec<_> = std::fs::read_dir(dir.path().join(iagent_store::sqlite::FILES_DIR))
+        .unwrap()
+        .collect();
+    assert!(
+        leftovers.is_empty(),
+        "no partial or orphaned files: {leftovers:?}"
+    );
+}
+
+#[tokio::test]
+async fn agent_changes_bump_the_version_and_the_default_cannot_be_removed() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = SqliteStore::open(dir.path(), Durability::default()).unwrap();
+    store.create_app("shop", 0).await.unwrap();
+    let version = |apps: Vec<iagent_store::App>| apps[0].agents_version;
+    let v0 = version(store.list_apps().await.unwrap());
+    let bot = iagent_store::AgentRecord {
+        id: "bot".into(),
+        kind: "echo".into(),
+        config: "{}".into(),
+    };
+    store.put_agent("shop", bot).await.unwrap();
+    let v1 = version(store.list_apps().await.unwrap());
+    assert!(v1 > v0);
+    store.set_default_agent("shop", "bot").await.unwrap();
+    let v2 = version(store.list_apps().await.unwrap());
+    assert!(v2 > v1);
+    assert!(matches!(
+        store.remove_agent("shop", "bot").await,
+        Err(iagent_store::StoreError::DefaultAgent { .. })
+    ));
+    store.remove_agent("shop", "echo").await.unwrap();
+    assert!(version(store.list_apps().await.unwrap()) > v2);
+    assert!(matches!(
+        store.remove_agent("shop", "echo").await,
+        Err(iagent_store::StoreError::UnknownAgent { .. })
+    ));
+    let ids: Vec<String> = store
+        .agents("shop")
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|a| a.id)
+        .collect();
+    assert_eq!(ids, ["bot"]);
+    for bad in ["", "a b", "@bot", &"x".repeat(129)] {
+        let agent = iagent_store::AgentRecord {
+            id: bad.into(),
+            kind: "echo".into(),
+            config: "{}".into(),
+        };
+        assert!(
+            matches!(
+                store.put_agent("shop", agent).await,
+                Err(iagent_store::StoreError::InvalidAgentId(_))
+            ),
+            "{bad:?}"
+        );
+    }
+}
