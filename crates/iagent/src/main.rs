@@ -117,6 +117,7 @@ async fn serve(settings: settings::Settings) -> anyhow::Result<()> {
     settings.server.validate().map_err(|problems| {
         anyhow::anyhow!("invalid configuration:\n  {}", problems.join("\n  "))
     })?;
+    let mut signals = StopSignals::listen()?;
     let store = iagent_store::SqliteStore::open(&settings.data_dir, settings.durability)
         .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
     let store: std::sync::Arc<dyn iagent_store::Store> = std::sync::Arc::new(store);
@@ -126,11 +127,11 @@ async fn serve(settings: settings::Settings) -> anyhow::Result<()> {
     let address = listener.local_addr()?;
     apps::bootstrap(store.as_ref(), address).await?;
     agents::apply(store.as_ref(), &settings.agents).await?;
-    let shutdown = async {
-        shutdown_signal().await;
+    let shutdown = async move {
+        signals.next().await;
         // A second signal is the operator saying "now": skip the rest of the graceful shutdown.
-        tokio::spawn(async {
-            shutdown_signal().await;
+        tokio::spawn(async move {
+            signals.next().await;
             tracing::warn!("second signal: exiting without finishing the shutdown");
             std::process::exit(130);
         });
@@ -139,30 +140,43 @@ async fn serve(settings: settings::Settings) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Resolves on Ctrl-C or SIGTERM.
-async fn shutdown_signal() {
+/// The operator's stop requests: Ctrl-C and, on Unix, SIGTERM.
+///
+/// Listened for as soon as this is made, before the gateway serves: a signal that arrived
+/// before anyone listened would take the default action and kill the process mid-start.
+struct StopSignals {
     #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(
-            tokio::signal::unix::SignalKind::terminate(),
-        ) {
-            Ok(term) => term,
-            Err(err) => {
-                tracing::error!(error = %err, "cannot listen for SIGTERM; only Ctrl-C stops the gateway");
-                if let Err(err) = tokio::signal::ctrl_c().await {
-                    tracing::error!(error = %err, "cannot listen for Ctrl-C either");
-                }
-                return;
-            }
-        };
-        tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
-        }
+    interrupt: tokio::signal::unix::Signal,
+    #[cfg(unix)]
+    terminate: tokio::signal::unix::Signal,
+}
+
+impl StopSignals {
+    #[cfg(unix)]
+    fn listen() -> anyhow::Result<Self> {
+        use tokio::signal::unix::{SignalKind, signal};
+        Ok(Self {
+            interrupt: signal(SignalKind::interrupt()).context("cannot listen for Ctrl-C")?,
+            terminate: signal(SignalKind::terminate()).context("cannot listen for SIGTERM")?,
+        })
     }
+
     #[cfg(not(unix))]
-    if let Err(err) = tokio::signal::ctrl_c().await {
-        tracing::error!(error = %err, "cannot listen for Ctrl-C");
+    fn listen() -> anyhow::Result<Self> {
+        Ok(Self {})
+    }
+
+    /// Resolves on the next stop request.
+    async fn next(&mut self) {
+        #[cfg(unix)]
+        tokio::select! {
+            _ = self.interrupt.recv() => {}
+            _ = self.terminate.recv() => {}
+        }
+        #[cfg(not(unix))]
+        if let Err(err) = tokio::signal::ctrl_c().await {
+            tracing::error!(error = %err, "cannot listen for Ctrl-C");
+        }
     }
 }
 
