@@ -84,6 +84,7 @@ mod tests {
             .reply(Turn {
                 message: &message,
                 history: &[],
+                files: &crate::NoFiles,
             })
             .await;
         assert_eq!(

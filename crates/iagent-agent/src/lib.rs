@@ -10,10 +10,20 @@
 //! - [`echo`]: the built-in `echo` kind every new app starts with.
 //! - [`rules`]: the built-in `rules` kind: keyword and regular-expression rules with reply
 //!   templates.
+//! - [`webhook`]: the built-in `webhook` kind: the app's own HTTP service decides the reply,
+//!   called with a signed JSON POST.
+//! - `http`: the outbound HTTP(S) client the kinds that call a service share: one keep-alive
+//!   pool, a deadline per call, bounded bodies, retries only where they are safe.
+//! - [`Files`] and [`Environment`]: what an agent may read besides the message: the app's files,
+//!   and the secrets its configuration names by environment variable.
 
 pub mod echo;
+mod http;
 pub mod rules;
+#[cfg(test)]
+mod stand_in;
 pub mod strategy;
+pub mod webhook;
 
 use std::collections::HashMap;
 use std::fmt;
@@ -29,12 +39,88 @@ pub use strategy::{NoReply, ReplyStrategy};
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
 
 /// What an agent is asked: the message and the conversation so far.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone, Copy)]
 pub struct Turn<'a> {
     /// The message to answer.
     pub message: &'a Message,
     /// Earlier messages of the conversation, oldest first (both directions).
     pub history: &'a [Message],
+    /// The files of the message's app, for agents that look at what a media message holds
+    /// rather than only at its file ids.
+    pub files: &'a dyn Files,
+}
+
+impl fmt::Debug for Turn<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Turn")
+            .field("message", self.message)
+            .field("history", &self.history)
+            .finish_non_exhaustive()
+    }
+}
+
+/// A stored file, as an agent reads it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct File {
+    /// Its MIME type, as given on upload.
+    pub content_type: String,
+    /// Its bytes.
+    pub bytes: Vec<u8>,
+}
+
+/// The files an agent may read: those of the app whose message it answers. Object safe, so the
+/// gateway hands agents its store without the agent crate depending on it.
+pub trait Files: Send + Sync {
+    /// The file with id `file_id`; `Ok(None)` when the app has no such file (any more: files
+    /// expire), `Err` with the cause when it cannot be read.
+    fn read<'a>(&'a self, file_id: &'a str) -> BoxFuture<'a, Result<Option<File>, String>>;
+}
+
+/// No files at all: for turns whose messages hold none, such as in tests of text-only agents.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoFiles;
+
+impl Files for NoFiles {
+    fn read<'a>(&'a self, _file_id: &'a str) -> BoxFuture<'a, Result<Option<File>, String>> {
+        Box::pin(std::future::ready(Ok(None)))
+    }
+}
+
+/// Where agents look up the secrets their configuration names by environment variable
+/// (`secret_env`, `api_key_env`), so that secrets stay out of the stored configuration.
+///
+/// [`Environment::process`] is the process's environment, what the gateway uses. Tests and
+/// embedders pass their own lookup with [`Environment::from_fn`] (to [`Kinds::builtin_with`]):
+/// setting a process's environment at run time is unsafe in a multi-threaded program.
+/// Variables are read on each call, not when the agent is built, because agents are also built
+/// to check a configuration where the variable need not be set (`iagent agent add`).
+#[derive(Clone)]
+pub struct Environment(Arc<Lookup>);
+
+/// A lookup of environment variables by name.
+type Lookup = dyn Fn(&str) -> Option<String> + Send + Sync;
+
+impl Environment {
+    /// The process's environment variables.
+    pub fn process() -> Self {
+        Self::from_fn(|name| std::env::var(name).ok())
+    }
+
+    /// A lookup of one's own: `lookup(name)` is the value of variable `name`, if set.
+    pub fn from_fn(lookup: impl Fn(&str) -> Option<String> + Send + Sync + 'static) -> Self {
+        Self(Arc::new(lookup))
+    }
+
+    /// The value of variable `name`, if set.
+    pub fn get(&self, name: &str) -> Option<String> {
+        (self.0)(name)
+    }
+}
+
+impl fmt::Debug for Environment {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Environment")
+    }
 }
 
 /// What an agent answers.
@@ -161,17 +247,27 @@ impl Default for Kinds {
 }
 
 impl Kinds {
-    /// The kinds built into iagent.
+    /// The kinds built into iagent, reading secrets from the process's environment.
     pub fn builtin() -> Self {
+        Self::builtin_with(Environment::process())
+    }
+
+    /// The kinds built into iagent, reading the secrets their configurations name from `env`.
+    pub fn builtin_with(env: Environment) -> Self {
         let kinds = Self {
             builders: HashMap::new(),
         };
+        let webhook_env = env.clone();
         kinds
             .with(echo::KIND, |id, config| {
                 Ok(Arc::new(echo::Echo::from_config(id, config)?) as Arc<dyn Agent>)
             })
             .with(rules::KIND, |id, config| {
                 Ok(Arc::new(rules::Rules::from_config(id, config)?) as Arc<dyn Agent>)
+            })
+            .with(webhook::KIND, move |id, config| {
+                let agent = webhook::Webhook::from_config(id, config, webhook_env.clone())?;
+                Ok(Arc::new(agent) as Arc<dyn Agent>)
             })
     }
 

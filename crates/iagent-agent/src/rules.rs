@@ -565,6 +565,7 @@ mod tests {
             .reply(Turn {
                 message: &message,
                 history: &[],
+                files: &crate::NoFiles,
             })
             .await;
         assert_eq!(reply, Ok(said("Looking up order 7 for you.")));

@@ -16,6 +16,7 @@ use tokio::sync::OwnedSemaphorePermit;
 
 use crate::apps::{AppState, Deferred};
 use crate::delivery;
+use crate::files::AppFiles;
 use crate::gateway::Gateway;
 use crate::ids::now_ms;
 
@@ -241,9 +242,14 @@ async fn answer(
         }
     };
     let deadline = gateway.config.timeouts.agent_deadline();
+    let files = AppFiles {
+        gateway,
+        app: &app.name,
+    };
     let turn = Turn {
         message,
         history: &history,
+        files: &files,
     };
     let outcome = tokio::select! {
         outcome = tokio::time::timeout(deadline, agent.reply(turn)) => outcome.unwrap_or_else(|_| {

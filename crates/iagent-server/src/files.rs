@@ -17,6 +17,32 @@ use crate::auth::{Caller, error};
 use crate::gateway::Gateway;
 use crate::ids::now_ms;
 
+/// The files of one app, as its agents read them (an agent that looks at images, say).
+pub(crate) struct AppFiles<'a> {
+    pub(crate) gateway: &'a Gateway,
+    pub(crate) app: &'a str,
+}
+
+impl iagent_agent::Files for AppFiles<'_> {
+    fn read<'a>(
+        &'a self,
+        file_id: &'a str,
+    ) -> iagent_agent::BoxFuture<'a, Result<Option<iagent_agent::File>, String>> {
+        Box::pin(async move {
+            match self.gateway.store.get_file(self.app, file_id).await {
+                Ok(found) => Ok(found.map(|(meta, bytes)| iagent_agent::File {
+                    content_type: meta.content_type,
+                    bytes,
+                })),
+                Err(err) => {
+                    self.gateway.store_failed("get_file", &err);
+                    Err("the gateway could not read the file (storage unavailable)".into())
+                }
+            }
+        })
+    }
+}
+
 /// The content type of an upload that names none.
 const DEFAULT_CONTENT_TYPE: &str = "application/octet-stream";
 
