@@ -10,6 +10,8 @@
 //! - [`echo`]: the built-in `echo` kind every new app starts with.
 //! - [`rules`]: the built-in `rules` kind: keyword and regular-expression rules with reply
 //!   templates.
+//! - [`openai`]: the built-in `openai` kind: a model behind any OpenAI-compatible
+//!   chat-completions endpoint, given the conversation so far.
 //! - [`webhook`]: the built-in `webhook` kind: the app's own HTTP service decides the reply,
 //!   called with a signed JSON POST.
 //! - `http`: the outbound HTTP(S) client the kinds that call a service share: one keep-alive
@@ -19,6 +21,7 @@
 
 pub mod echo;
 mod http;
+pub mod openai;
 pub mod rules;
 #[cfg(test)]
 mod stand_in;
@@ -258,6 +261,7 @@ impl Kinds {
             builders: HashMap::new(),
         };
         let webhook_env = env.clone();
+        let openai_env = env;
         kinds
             .with(echo::KIND, |id, config| {
                 Ok(Arc::new(echo::Echo::from_config(id, config)?) as Arc<dyn Agent>)
@@ -267,6 +271,10 @@ impl Kinds {
             })
             .with(webhook::KIND, move |id, config| {
                 let agent = webhook::Webhook::from_config(id, config, webhook_env.clone())?;
+                Ok(Arc::new(agent) as Arc<dyn Agent>)
+            })
+            .with(openai::KIND, move |id, config| {
+                let agent = openai::OpenAi::from_config(id, config, openai_env.clone())?;
                 Ok(Arc::new(agent) as Arc<dyn Agent>)
             })
     }
