@@ -6,6 +6,10 @@
 //! else as `user`; in group chats each prefixed with `[sender_id] ` so the model can tell the
 //! speakers apart), then the message itself. The first choice's text is the reply.
 //!
+//! With `vision` on, an image message is sent as `image_url` parts holding the images
+//! themselves as `data:` URLs (read from the app's files, at most [`MAX_IMAGE_BYTES`] in all),
+//! for vision-capable models; earlier images in the history are sent as `[image]`.
+//!
 //! ```json
 //! {
 //!   "model": "gpt-4o-mini",
@@ -17,9 +21,12 @@
 //! }
 //! ```
 
+use base64::Engine as _;
+use base64::engine::general_purpose::STANDARD as BASE64;
 use bytes::Bytes;
 use hyper::header::{AUTHORIZATION, HeaderName, HeaderValue};
 use hyper::{StatusCode, Uri};
+use iagent_protocol::validate::parse_file_ids;
 use iagent_protocol::{ChatType, ContentType, Message, SenderType};
 use serde::{Deserialize, Serialize};
 
@@ -51,6 +58,12 @@ pub const DEFAULT_RETRY_BACKOFF_MS: u64 = 500;
 /// images unless `vision` is on.
 pub const UNSUPPORTED_CONTENT: &str = "unsupported_content";
 
+/// The most image bytes one message may send to the model (8 MiB, before base64, which adds a
+/// third): the request is built in memory, and providers refuse larger requests anyway
+/// (OpenAI takes at most 20 MB per image). A message whose images are larger is answered with
+/// 50, saying so.
+pub const MAX_IMAGE_BYTES: usize = 8 << 20;
+
 /// The highest `temperature` the API accepts.
 const MAX_TEMPERATURE: f64 = 2.0;
 
@@ -66,6 +79,7 @@ pub struct OpenAi {
     history: usize,
     temperature: Option<f64>,
     max_tokens: Option<u32>,
+    vision: bool,
     policy: RetryPolicy,
     env: Environment,
     client: HttpClient,
@@ -93,6 +107,8 @@ struct Config {
     max_retries: u32,
     #[serde(default = "default_retry_backoff_ms")]
     retry_backoff_ms: u64,
+    #[serde(default)]
+    vision: bool,
     #[serde(default)]
     strategy: ReplyStrategy,
 }
@@ -128,7 +144,28 @@ struct ChatRequest<'a> {
 #[derive(Serialize)]
 struct ChatMessage {
     role: Role,
-    content: String,
+    content: Content,
+}
+
+/// A message's content: text, or parts (text and images) for vision models.
+#[derive(Serialize)]
+#[serde(untagged)]
+enum Content {
+    Text(String),
+    Parts(Vec<Part>),
+}
+
+#[derive(Serialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+enum Part {
+    Text { text: String },
+    ImageUrl { image_url: ImageUrl },
+}
+
+#[derive(Serialize)]
+struct ImageUrl {
+    /// `data:<mime type>;base64,<bytes>`.
+    url: String,
 }
 
 #[derive(Serialize, Clone, Copy, PartialEq, Eq, Debug)]
@@ -203,6 +240,7 @@ impl OpenAi {
             history: config.history,
             temperature: config.temperature,
             max_tokens: config.max_tokens,
+            vision: config.vision,
             policy,
             env,
             client: http::shared()?,
@@ -249,33 +287,75 @@ impl OpenAi {
             ContentType::Voice => "[voice message]",
             ContentType::Video => "[video]",
         };
-        if own {
-            ChatMessage {
-                role: Role::Assistant,
-                content: text.to_owned(),
-            }
+        let (role, content) = if own {
+            (Role::Assistant, text.to_owned())
         } else if group {
-            ChatMessage {
-                role: Role::User,
-                content: format!("[{}] {text}", message.sender_id),
-            }
+            (Role::User, format!("[{}] {text}", message.sender_id))
         } else {
-            ChatMessage {
-                role: Role::User,
-                content: text.to_owned(),
-            }
+            (Role::User, text.to_owned())
+        };
+        ChatMessage {
+            role,
+            content: Content::Text(content),
         }
     }
 
+    /// An image message as the model sees it with vision: its images as `data:` URLs, after
+    /// the sender's label in group chats.
+    async fn image_message(&self, turn: Turn<'_>) -> Result<ChatMessage, AgentError> {
+        let ids = parse_file_ids(&turn.message.content)
+            .map_err(|err| self.failed(format!("cannot read the image message: {err}")))?
+            .file_ids;
+        let mut parts = Vec::with_capacity(ids.len() + 1);
+        if turn.message.chat_type == ChatType::Group {
+            parts.push(Part::Text {
+                text: format!("[{}]", turn.message.sender_id),
+            });
+        }
+        let mut total = 0usize;
+        for id in &ids {
+            let file = turn
+                .files
+                .read(id)
+                .await
+                .map_err(|cause| self.failed(cause))?
+                .ok_or_else(|| self.failed(format!("image {id} no longer exists")))?;
+            let mime = media_type(&file.content_type)
+                .filter(|mime| mime.starts_with("image/"))
+                .ok_or_else(|| {
+                    self.failed(format!(
+                        "file {id} is not an image: its type is {:?}",
+                        file.content_type
+                    ))
+                })?;
+            total = total.saturating_add(file.bytes.len());
+            if total > MAX_IMAGE_BYTES {
+                return Err(self.failed(format!(
+                    "the message's images are larger than {} MiB together, the most sent to a model",
+                    MAX_IMAGE_BYTES >> 20
+                )));
+            }
+            parts.push(Part::ImageUrl {
+                image_url: ImageUrl {
+                    url: format!("data:{mime};base64,{}", BASE64.encode(&file.bytes)),
+                },
+            });
+        }
+        Ok(ChatMessage {
+            role: Role::User,
+            content: Content::Parts(parts),
+        })
+    }
+
     /// The request's messages: the system prompt, the history, the message.
-    fn messages(&self, turn: Turn<'_>) -> Vec<ChatMessage> {
+    async fn messages(&self, turn: Turn<'_>) -> Result<Vec<ChatMessage>, AgentError> {
         let group = turn.message.chat_type == ChatType::Group;
         let history = &turn.history[turn.history.len().saturating_sub(self.history)..];
         let mut messages = Vec::with_capacity(history.len() + 2);
         if let Some(prompt) = &self.system_prompt {
             messages.push(ChatMessage {
                 role: Role::System,
-                content: prompt.clone(),
+                content: Content::Text(prompt.clone()),
             });
         }
         messages.extend(
@@ -283,18 +363,23 @@ impl OpenAi {
                 .iter()
                 .map(|message| self.context_message(message, group)),
         );
-        messages.push(self.context_message(turn.message, group));
-        messages
+        messages.push(match turn.message.content_type {
+            ContentType::Image => self.image_message(turn).await?,
+            _ => self.context_message(turn.message, group),
+        });
+        Ok(messages)
     }
 
     async fn call(&self, turn: Turn<'_>) -> Result<Reply, AgentError> {
-        if turn.message.content_type != ContentType::Text {
-            return Ok(Reply::Declined(UNSUPPORTED_CONTENT.into()));
+        match turn.message.content_type {
+            ContentType::Text => {}
+            ContentType::Image if self.vision => {}
+            _ => return Ok(Reply::Declined(UNSUPPORTED_CONTENT.into())),
         }
         let authorization = self.authorization()?;
         let request = ChatRequest {
             model: &self.model,
-            messages: self.messages(turn),
+            messages: self.messages(turn).await?,
             temperature: self.temperature,
             max_tokens: self.max_tokens,
         };
@@ -361,6 +446,20 @@ impl OpenAi {
             content: content.to_owned(),
         })
     }
+}
+
+/// The media type of a stored file's `Content-Type`, lowercased and without parameters, if it
+/// is a plain `type/subtype` that can go into a `data:` URL as it is.
+fn media_type(content_type: &str) -> Option<String> {
+    let mime = content_type.split(';').next()?.trim().to_ascii_lowercase();
+    let (kind, subtype) = mime.split_once('/')?;
+    let token = |part: &str| {
+        !part.is_empty()
+            && part
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b"!#$&^_.+-".contains(&b))
+    };
+    (token(kind) && token(subtype)).then_some(mime)
 }
 
 /// The provider's own words for an error: `error.message` of an OpenAI-style error body (or
@@ -674,6 +773,118 @@ mod tests {
             Ok(Reply::Declined(UNSUPPORTED_CONTENT.into()))
         );
         assert_eq!(stand_in.calls(), 0);
+    }
+
+    /// Files held in memory, by id.
+    struct MemoryFiles(Vec<(&'static str, &'static str, Vec<u8>)>);
+
+    impl crate::Files for MemoryFiles {
+        fn read<'a>(
+            &'a self,
+            file_id: &'a str,
+        ) -> BoxFuture<'a, Result<Option<crate::File>, String>> {
+            let found =
+                self.0
+                    .iter()
+                    .find(|(id, _, _)| *id == file_id)
+                    .map(|(_, content_type, bytes)| crate::File {
+                        content_type: (*content_type).into(),
+                        bytes: bytes.clone(),
+                    });
+            Box::pin(std::future::ready(Ok(found)))
+        }
+    }
+
+    fn image(chat_type: ChatType, ids: &[&str]) -> Message {
+        let mut message = message(chat_type, user("alice"), "");
+        message.content_type = ContentType::Image;
+        message.content = json!({ "file_ids": ids }).to_string();
+        message
+    }
+
+    #[tokio::test]
+    async fn with_vision_images_are_sent_as_data_urls() {
+        let stand_in = StandIn::start(|_, _| completion("a cat")).await;
+        let agent = agent(json!({ "base_url": stand_in.url, "model": "m", "vision": true }));
+        let files = MemoryFiles(vec![
+            ("f1", "image/png", b"\x89PNG-one".to_vec()),
+            ("f2", "Image/JPEG; q=1", b"jpeg?".to_vec()),
+            ("doc", "application/pdf", b"%PDF".to_vec()),
+            ("big", "image/png", vec![0; MAX_IMAGE_BYTES + 1]),
+        ]);
+        let ask_with = |message: Message| {
+            let (agent, files) = (&agent, &files);
+            async move {
+                let history = [self::message(ChatType::Group, user("bob"), "look")];
+                agent
+                    .reply(Turn {
+                        message: &message,
+                        history: &history,
+                        files,
+                    })
+                    .await
+            }
+        };
+        assert_eq!(
+            ask_with(image(ChatType::Group, &["f1", "f2"])).await,
+            Ok(said("a cat"))
+        );
+        let body = stand_in.requests()[0].json();
+        assert_eq!(
+            body["messages"],
+            json!([
+                {"role": "user", "content": "[bob] look"},
+                {"role": "user", "content": [
+                    {"type": "text", "text": "[alice]"},
+                    {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORy1vbmU="}},
+                    {"type": "image_url", "image_url": {"url": "data:image/jpeg;base64,anBlZz8="}}
+                ]}
+            ])
+        );
+
+        assert_eq!(
+            cause(ask_with(image(ChatType::Private, &["gone"])).await),
+            "image gone no longer exists"
+        );
+        assert_eq!(
+            cause(ask_with(image(ChatType::Private, &["doc"])).await),
+            "file doc is not an image: its type is \"application/pdf\""
+        );
+        assert_eq!(
+            cause(ask_with(image(ChatType::Private, &["big"])).await),
+            "the message's images are larger than 8 MiB together, the most sent to a model"
+        );
+        assert_eq!(stand_in.calls(), 1);
+    }
+
+    #[tokio::test]
+    async fn without_vision_images_are_declined_and_history_images_are_named() {
+        let stand_in = StandIn::start(|_, _| completion("ok")).await;
+        let agent = agent(json!({ "base_url": stand_in.url, "model": "m" }));
+        assert_eq!(
+            ask(&agent, &image(ChatType::Private, &["f1"]), &[]).await,
+            Ok(Reply::Declined(UNSUPPORTED_CONTENT.into()))
+        );
+        assert_eq!(stand_in.calls(), 0);
+        let history = [image(ChatType::Private, &["f1"])];
+        let text = message(ChatType::Private, user("alice"), "what was that?");
+        assert_eq!(ask(&agent, &text, &history).await, Ok(said("ok")));
+        assert_eq!(
+            stand_in.requests()[0].json()["messages"][0]["content"],
+            "[image]"
+        );
+    }
+
+    #[test]
+    fn media_types_are_plain_and_lowercase() {
+        assert_eq!(media_type("image/png").as_deref(), Some("image/png"));
+        assert_eq!(
+            media_type(" Image/WebP ; x=y").as_deref(),
+            Some("image/webp")
+        );
+        assert_eq!(media_type("image/png,evil"), None);
+        assert_eq!(media_type("image"), None);
+        assert_eq!(media_type("/png"), None);
     }
 
     #[test]

@@ -213,3 +213,40 @@ async fn rate_limits_are_retried_and_provider_errors_and_timeouts_are_answered_w
     );
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn with_vision_an_uploaded_image_reaches_the_model_as_a_data_url() {
+    let stand_in = StandIn::start(model).await;
+    let gateway = gateway_with(vec![openai(
+        "eyes",
+        json!({ "base_url": stand_in.url, "model": "vision-model", "vision": true }),
+    )])
+    .await;
+    let bytes = b"\x89PNG\r\n\x1a\n-a-tiny-picture";
+    let path = format!("/api/v1/files?app_token={}", gateway.token);
+    let (status, _, answer) = gateway
+        .http("POST", &path, &[("Content-Type", "image/png")], bytes)
+        .await;
+    assert_eq!(status, 200);
+    let answer: Value = serde_json::from_slice(&answer).unwrap();
+    let file_id = answer["file_id"].as_str().unwrap();
+
+    let mut client = gateway.connect().await;
+    let mut message = to("eyes", "v1", "");
+    message["content_type"] = json!(2);
+    message["content"] = json!(json!({ "file_ids": [file_id] }).to_string());
+    let response = client.ask(&message).await;
+    assert_response(&response, "v1", 0);
+    assert_eq!(
+        response["content"],
+        "vision-model read 1 messages, the last: (parts)"
+    );
+    let body = stand_in.requests()[0].json();
+    assert_eq!(
+        body["messages"][0],
+        json!({"role": "user", "content": [
+            {"type": "image_url", "image_url": {"url": "data:image/png;base64,iVBORw0KGgotYS10aW55LXBpY3R1cmU="}}
+        ]})
+    );
+    gateway.stop().await;
+}
