@@ -733,6 +733,15 @@ mod tests {
     }
 
     #[test]
+    fn signatures_match_other_implementations() {
+        // Computed with Python's hmac module, as in the verification snippet of docs/agents.md.
+        assert_eq!(
+            sign("s3cret", "1700000000000", br#"{"agent_id":"hook"}"#),
+            "6c87dacda494facbe7d97d297d17ad630a231609aef06e102c33097649713e8e"
+        );
+    }
+
+    #[test]
     fn configuration_errors_say_what_is_wrong() {
         let build = |config: serde_json::Value| {
             Webhook::from_config("hook", &config.to_string(), Environment::from_fn(|_| None))

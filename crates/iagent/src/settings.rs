@@ -289,6 +289,20 @@ const AGENTS_EXAMPLE: &str = "
 # kind = \"rules\"
 # default = false
 # config = { rules = [{ keywords = [\"price\"], reply = \"See example.com/prices\" }], fallback = \"Sorry?\" }
+#
+# A model behind an OpenAI-compatible endpoint; the key is read from the named variable:
+# [[agents]]
+# app = \"default\"
+# id = \"assistant\"
+# kind = \"openai\"
+# config = { model = \"gpt-4o-mini\", api_key_env = \"OPENAI_API_KEY\", system_prompt = \"Answer briefly.\", history = 20 }
+#
+# The app's own HTTP service, called with signed POSTs; the secret is in the named variable:
+# [[agents]]
+# app = \"default\"
+# id = \"orders\"
+# kind = \"webhook\"
+# config = { url = \"https://hooks.example.com/iagent\", secret_env = \"IAGENT_WEBHOOK_SECRET\", timeout_ms = 10000 }
 ";
 
 #[cfg(test)]
@@ -309,6 +323,25 @@ mod tests {
                 COMMENTS.iter().any(|(name, _)| *name == key),
                 "no comment for {key}"
             );
+        }
+    }
+
+    #[test]
+    fn the_commented_agent_examples_parse_and_build() {
+        let uncommented: String = AGENTS_EXAMPLE
+            .lines()
+            .filter_map(|line| line.strip_prefix("# "))
+            .filter(|line| line.starts_with('[') || line.contains(" = "))
+            .map(|line| format!("{line}\n"))
+            .collect();
+        let parsed: File = toml::from_str(&uncommented).expect("the examples parse");
+        let kinds: Vec<&str> = parsed.agents.iter().map(|a| a.kind.as_str()).collect();
+        assert_eq!(kinds, ["rules", "openai", "webhook"]);
+        for agent in &parsed.agents {
+            let config = serde_json::to_string(&agent.config).expect("JSON");
+            iagent_server::Kinds::builtin()
+                .build(&agent.id, &agent.kind, &config)
+                .unwrap_or_else(|err| panic!("{err}"));
         }
     }
 
