@@ -92,7 +92,7 @@ impl HttpClient {
 
     /// POSTs `body` (JSON) to `url` once, with `headers`; the response's body is read whole
     /// (at most [`MAX_RESPONSE_BYTES`]) within `timeout`.
-    pub(crate) async fn post_json(
+    async fn post_json(
         &self,
         url: &Uri,
         headers: Vec<(HeaderName, HeaderValue)>,

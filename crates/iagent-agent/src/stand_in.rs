@@ -48,6 +48,8 @@ pub enum Answer {
     },
     /// Never answers, keeping the connection open.
     Hang,
+    /// Closes the connection without answering, after reading the request.
+    Close,
 }
 
 impl Answer {
@@ -143,6 +145,7 @@ async fn serve(mut stream: TcpStream, requests: Arc<Mutex<Vec<Recorded>>>, scrip
             Answer::Hang => {
                 std::future::pending::<()>().await;
             }
+            Answer::Close => return,
             Answer::Respond {
                 status,
                 headers,

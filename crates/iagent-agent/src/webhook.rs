@@ -684,6 +684,35 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn a_broken_connection_or_an_oversized_body_fails_without_a_retry() {
+        let stand_in =
+            StandIn::start(
+                |request, _| match request.json()["message"]["content"].as_str() {
+                    Some("close") => Answer::Close,
+                    _ => Answer::text(200, &"x".repeat(http::MAX_RESPONSE_BYTES + 1)),
+                },
+            )
+            .await;
+        let agent = hook(&stand_in.url);
+        let cause = |reply: Result<Reply, AgentError>| match reply {
+            Err(AgentError::Failed { cause, .. }) => cause,
+            other => panic!("not a failure: {other:?}"),
+        };
+        // The webhook got the call and may have acted on it: it is not called again.
+        let broken = cause(ask(&agent, &message("m1", "close"), &[]).await);
+        assert!(
+            broken.starts_with("webhook call failed: the connection failed: "),
+            "{broken}"
+        );
+        assert_eq!(stand_in.calls(), 1);
+        assert_eq!(
+            cause(ask(&agent, &message("m2", "huge"), &[]).await),
+            "webhook call failed: the response body is larger than 1048576 bytes"
+        );
+        assert_eq!(stand_in.calls(), 2);
+    }
+
+    #[tokio::test]
     async fn retries_stop_at_the_deadline() {
         let stand_in = StandIn::start(|_, _| Answer::text(502, "bad gateway")).await;
         // The first wait (400 ms) would end after the deadline (300 ms): one attempt only.
