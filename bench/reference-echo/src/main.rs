@@ -54,6 +54,8 @@ async fn serve(address: SocketAddr) -> std::io::Result<()> {
     stdout.flush()?;
     loop {
         let (stream, _) = listener.accept().await?;
+        // As the gateway does: a small frame must not wait for the previous one's ACK.
+        stream.set_nodelay(true)?;
         tokio::spawn(async move {
             let connection = http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(stream), service_fn(accept))

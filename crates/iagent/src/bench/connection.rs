@@ -20,9 +20,11 @@ use super::schedule::Tick;
 pub(super) type Socket =
     tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
-/// Opens one connection to `endpoint`.
+/// Opens one connection to `endpoint`, with Nagle's algorithm off as on the servers' side:
+/// otherwise a small frame can wait for the acknowledgement of the previous one, which adds
+/// the TCP stack's delays to the latencies measured.
 pub(super) async fn open(endpoint: &str) -> anyhow::Result<Socket> {
-    let (socket, _) = tokio_tungstenite::connect_async(endpoint)
+    let (socket, _) = tokio_tungstenite::connect_async_with_config(endpoint, None, true)
         .await
         .context("cannot open a connection")?;
     Ok(socket)
@@ -99,6 +101,11 @@ pub(super) async fn drive(
 
     let mut outcome = Outcome::default();
     let mut silent_since = Instant::now();
+    // Wakes the reader now and then, so that the end of the writer is noticed soon after it
+    // happens. One timer for the whole run, not one per frame: the generator must stay cheaper
+    // than the servers it measures.
+    let mut check = tokio::time::interval(Duration::from_millis(100));
+    check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         let writing = !writer.is_finished();
         if !writing && lock(&waiting).is_empty() {
@@ -107,12 +114,14 @@ pub(super) async fn drive(
         if !writing && silent_since.elapsed() >= SILENCE {
             break;
         }
-        // Short waits, so that the end of the writer is noticed soon after it happens.
-        let frame = match tokio::time::timeout(Duration::from_millis(100), stream.next()).await {
-            Err(_) => continue,
-            Ok(None) => break,
-            Ok(Some(frame)) => frame.context("the connection failed")?,
+        let frame = tokio::select! {
+            frame = stream.next() => frame,
+            _ = check.tick() => continue,
         };
+        let Some(frame) = frame else {
+            break;
+        };
+        let frame = frame.context("the connection failed")?;
         let WsMessage::Text(text) = frame else {
             continue;
         };

@@ -275,10 +275,11 @@ async fn load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
     Ok(summarize(args, window, &counters, outcomes))
 }
 
-/// The measured window: its length and the server's CPU time spent in it.
+/// The measured window: its length, and the CPU time the server and the generator spent in it.
 struct Window {
     seconds: f64,
     cpu_seconds: Option<f64>,
+    generator_cpu_seconds: f64,
 }
 
 /// Waits out the warm-up and the measured window (showing progress), reading the server's CPU
@@ -289,17 +290,20 @@ async fn measure(args: &BenchArgs, counters: &Counters, start: Instant) -> anyho
     let total = warmup + Duration::from_secs_f64(args.duration);
     progress.wait(counters, start, total, start + warmup).await;
     let cpu_before = args.server_pid.map(procfs::cpu_seconds).transpose()?;
+    let own_before = procfs::cpu_seconds(std::process::id())?;
     counters.measuring.store(true, Ordering::Relaxed);
     let measured_from = Instant::now();
     progress.wait(counters, start, total, start + total).await;
     counters.measuring.store(false, Ordering::Relaxed);
     let seconds = measured_from.elapsed().as_secs_f64();
     let cpu_after = args.server_pid.map(procfs::cpu_seconds).transpose()?;
+    let own_after = procfs::cpu_seconds(std::process::id())?;
     counters.stopped.store(true, Ordering::Relaxed);
     progress.finish();
     Ok(Window {
         seconds,
         cpu_seconds: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
+        generator_cpu_seconds: own_after - own_before,
     })
 }
 
@@ -347,5 +351,6 @@ fn summarize(
         server_cpu_seconds_per_100k: window
             .cpu_seconds
             .map(|cpu| cpu / round_trips.max(1) as f64 * 100_000.0),
+        generator_cores: window.generator_cpu_seconds / window.seconds,
     }
 }

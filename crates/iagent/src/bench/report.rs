@@ -50,6 +50,9 @@ pub(super) struct Load {
     pub(super) send_lag_ms: Option<Percentiles>,
     pub(super) errors: Errors,
     pub(super) server_cpu_seconds_per_100k: Option<f64>,
+    /// The generator's own CPU time per second of the measured window: near 1 on a generator
+    /// pinned to one core, it is the generator, not the server, that limits the figures.
+    pub(super) generator_cores: f64,
 }
 
 /// What went wrong, over the whole run (warm-up included).
@@ -132,6 +135,7 @@ impl Report {
             if let Some(cpu) = load.server_cpu_seconds_per_100k {
                 out += &format!("server CPU:   {cpu:.3} s per 100k round trips\n");
             }
+            out += &format!("generator:    {:.2} cores busy\n", load.generator_cores);
         }
         if let Some(memory) = &self.memory {
             let mib = |kib: u64| kib as f64 / 1024.0;
