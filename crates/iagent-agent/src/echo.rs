@@ -57,6 +57,10 @@ impl Agent for Echo {
         };
         Box::pin(std::future::ready(Ok(reply)))
     }
+    /// The reply is computed from the message alone.
+    fn repeatable(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

@@ -188,6 +188,16 @@ pub trait Agent: Send + Sync + 'static {
     fn history_len(&self) -> usize {
         0
     }
+    /// Whether asking the agent again about the same message is harmless: it has no effect
+    /// outside its reply (no call to a service that acts on it). The gateway then asks first
+    /// and records the message together with its answer in one write, instead of claiming it
+    /// in a write of its own before asking. A process that dies in between leaves no trace,
+    /// as if it had died before the message arrived, and a resend asks the agent again.
+    /// Agents that call out keep the default, `false`: their messages are claimed first, so a
+    /// crash leaves a record that the restart answers with 50 instead of asking them twice.
+    fn repeatable(&self) -> bool {
+        false
+    }
 }
 
 /// The most earlier messages an agent can be given: bounds the read and the memory of one turn.

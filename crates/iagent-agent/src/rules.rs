@@ -353,6 +353,10 @@ impl Agent for Rules {
     fn reply<'a>(&'a self, turn: Turn<'a>) -> BoxFuture<'a, Result<Reply, AgentError>> {
         Box::pin(std::future::ready(Ok(self.answer(turn.message))))
     }
+    /// The reply is computed from the message alone.
+    fn repeatable(&self) -> bool {
+        true
+    }
 }
 
 #[cfg(test)]

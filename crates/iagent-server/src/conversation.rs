@@ -4,7 +4,9 @@
 //!
 //! Processing one message: claim its `msg_id` in the store (a message seen before is not
 //! processed again), ask the reply strategy, call the agent under its deadline, store the
-//! response with the history it adds, then route the response.
+//! response with the history it adds, then route the response. A repeatable agent (see
+//! [`Agent::repeatable`]) is asked before anything is written, and the message is then claimed
+//! and answered in one write: one store job per message instead of two.
 
 use std::sync::Arc;
 use std::time::Instant;
@@ -75,57 +77,198 @@ async fn process(gateway: &Arc<Gateway>, app: &Arc<AppState>, job: Job) {
         received,
         permit,
     } = job;
-    let inbound = message.to_json();
-    let claim = gateway
-        .store
-        .claim(&app.name, &message.msg_id, inbound.clone(), now_ms())
-        .await;
-    let frame = match claim {
-        Ok(Claim::New) => match answer(gateway, app, &conversation, agent.as_ref(), &message).await
-        {
-            Answer::Now(response) => {
-                let frame =
-                    complete(gateway, app, &conversation, &message, inbound, &response).await;
-                gateway.metrics.observe_latency(received.elapsed());
-                Some(frame)
-            }
-            Answer::Later => match defer(gateway, app, &message, agent.id()).await {
-                // The message now waits for its pushed reply, holding no in-flight place.
-                Ok(()) => None,
-                Err(response) => {
-                    Some(complete(gateway, app, &conversation, &message, inbound, &response).await)
-                }
-            },
-        },
-        Ok(Claim::Answered(frame)) => {
-            app.counters
-                .duplicates
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            Some(frame)
-        }
-        Ok(Claim::Pending) => {
-            // Claimed, unanswered, and not in flight here: another gateway node has it, and its
-            // one response will be routed from there.
-            app.counters
-                .duplicates
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            tracing::warn!(msg_id = %message.msg_id, "message is pending elsewhere; not processed again");
-            None
-        }
-        Err(err) => {
-            gateway.store_failed("claim", &err);
-            let cause = "the gateway could not record the message (storage unavailable); it was not processed";
-            let response =
-                message.text_response(gateway.ids.next(), agent.id(), RespCode::Failed, cause);
-            app.counters.response(RespCode::Failed);
-            Some(response.to_json())
-        }
+    let turn = Processing {
+        gateway,
+        app,
+        agent: agent.as_ref(),
+        conversation: &conversation,
+        message: &message,
+        inbound: message.to_json(),
     };
+    let frame = if agent.repeatable() {
+        turn.answer_then_record().await
+    } else {
+        turn.claim_then_answer().await
+    };
+    if frame.as_ref().is_some_and(|frame| frame.answered_here) {
+        gateway.metrics.observe_latency(received.elapsed());
+    }
     let origin = app.finish(&message.msg_id);
     if let Some(frame) = frame {
-        delivery::deliver(gateway, app, frame.into(), origin).await;
+        delivery::deliver(gateway, app, frame.text.into(), origin).await;
     }
     drop(permit);
+}
+
+/// A response frame to route, and whether this process made it (rather than replaying a
+/// stored one), which is what the processing-latency histogram measures.
+struct Outcome {
+    text: String,
+    answered_here: bool,
+}
+
+/// One message being processed, and what it is processed with.
+struct Processing<'a> {
+    gateway: &'a Gateway,
+    app: &'a AppState,
+    agent: &'a dyn Agent,
+    conversation: &'a ConversationKey,
+    message: &'a Message,
+    /// The message as JSON text: stored for recovery while unanswered, and in the history.
+    inbound: String,
+}
+
+impl Processing<'_> {
+    /// The path for agents that act on the world: the message is claimed first, so that a
+    /// crash while the agent works leaves a record for the restart to answer with 50.
+    async fn claim_then_answer(self) -> Option<Outcome> {
+        let claim = self.gateway.store.claim(
+            &self.app.name,
+            &self.message.msg_id,
+            self.inbound.clone(),
+            now_ms(),
+        );
+        if let Err(earlier) = self.settle(claim.await, "claim") {
+            return earlier;
+        }
+        match answer(
+            self.gateway,
+            self.app,
+            self.conversation,
+            self.agent,
+            self.message,
+        )
+        .await
+        {
+            Answer::Now(response) => Some(self.complete(&response).await),
+            Answer::Later => self.wait_for_push().await,
+        }
+    }
+
+    /// The path for repeatable agents (see [`Agent::repeatable`]): asked first, then the
+    /// message is recorded with its answer in one write, half the writes of claim-then-answer.
+    async fn answer_then_record(self) -> Option<Outcome> {
+        let response = match answer(
+            self.gateway,
+            self.app,
+            self.conversation,
+            self.agent,
+            self.message,
+        )
+        .await
+        {
+            Answer::Now(response) => response,
+            Answer::Later => {
+                let claim = self.gateway.store.claim(
+                    &self.app.name,
+                    &self.message.msg_id,
+                    self.inbound.clone(),
+                    now_ms(),
+                );
+                if let Err(earlier) = self.settle(claim.await, "claim") {
+                    return earlier;
+                }
+                return self.wait_for_push().await;
+            }
+        };
+        let text = response.to_json();
+        let completion = completion(
+            self.app,
+            self.conversation,
+            self.message,
+            self.inbound.clone(),
+            &response,
+            &text,
+        );
+        match self.gateway.store.record(completion, now_ms()).await {
+            Ok(Claim::New) => {}
+            Err(err) => {
+                // The answer still goes out; a resend of this msg_id is asked again, which a
+                // repeatable agent answers the same way.
+                self.gateway.store_failed("record", &err);
+            }
+            // A msg_id answered (or claimed) before: its first response stands.
+            earlier => return self.settle(earlier, "record").err().flatten(),
+        }
+        self.app.counters.response(response.resp_code);
+        Some(Outcome {
+            text,
+            answered_here: true,
+        })
+    }
+
+    /// Goes on (`Ok`) with a message claimed for the first time; otherwise (`Err`) says what a
+    /// message seen before gets: its stored response, nothing while it is pending elsewhere,
+    /// or a 50 when the store could not say.
+    fn settle(
+        &self,
+        claim: Result<Claim, iagent_store::StoreError>,
+        operation: &'static str,
+    ) -> Result<(), Option<Outcome>> {
+        let duplicate = || {
+            self.app
+                .counters
+                .duplicates
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
+        match claim {
+            Ok(Claim::New) => Ok(()),
+            Ok(Claim::Answered(text)) => {
+                duplicate();
+                Err(Some(Outcome {
+                    text,
+                    answered_here: false,
+                }))
+            }
+            Ok(Claim::Pending) => {
+                // Claimed, unanswered, and not in flight here: another gateway node has it, and
+                // its one response will be routed from there.
+                duplicate();
+                tracing::warn!(msg_id = %self.message.msg_id, "message is pending elsewhere; not processed again");
+                Err(None)
+            }
+            Err(err) => {
+                self.gateway.store_failed(operation, &err);
+                let cause = "the gateway could not record the message (storage unavailable); it was not processed";
+                let response = self.message.text_response(
+                    self.gateway.ids.next(),
+                    self.agent.id(),
+                    RespCode::Failed,
+                    cause,
+                );
+                self.app.counters.response(RespCode::Failed);
+                Err(Some(Outcome {
+                    text: response.to_json(),
+                    answered_here: false,
+                }))
+            }
+        }
+    }
+
+    /// Parks a claimed message until its agent pushes the reply; a 50 now if it cannot wait.
+    async fn wait_for_push(self) -> Option<Outcome> {
+        match defer(self.gateway, self.app, self.message, self.agent.id()).await {
+            // The message now waits for its pushed reply, holding no in-flight place.
+            Ok(()) => None,
+            Err(response) => Some(self.complete(&response).await),
+        }
+    }
+
+    async fn complete(self, response: &Message) -> Outcome {
+        let text = complete(
+            self.gateway,
+            self.app,
+            self.conversation,
+            self.message,
+            self.inbound,
+            response,
+        )
+        .await;
+        Outcome {
+            text,
+            answered_here: true,
+        }
+    }
 }
 
 /// Stores a message's response with the history it adds, counts it, and returns its frame.
@@ -138,12 +281,7 @@ pub(crate) async fn complete(
     response: &Message,
 ) -> String {
     let frame = response.to_json();
-    let completion = Completion {
-        app: app.name.clone(),
-        msg_id: message.msg_id.clone(),
-        response: frame.clone(),
-        history: history(conversation, message, inbound, response, &frame),
-    };
+    let completion = completion(app, conversation, message, inbound, response, &frame);
     if let Err(err) = gateway.store.complete(completion).await {
         // The response still goes out; only a resend of this msg_id would be processed again
         // (and after a restart, answered with 50).
@@ -151,6 +289,23 @@ pub(crate) async fn complete(
     }
     app.counters.response(response.resp_code);
     frame
+}
+
+/// A message's terminal response with the history it adds, as the store takes them.
+fn completion(
+    app: &AppState,
+    conversation: &ConversationKey,
+    message: &Message,
+    inbound: String,
+    response: &Message,
+    frame: &str,
+) -> Completion {
+    Completion {
+        app: app.name.clone(),
+        msg_id: message.msg_id.clone(),
+        response: frame.to_owned(),
+        history: history(conversation, message, inbound, response, frame),
+    }
 }
 
 /// What an agent's turn comes to.

@@ -266,6 +266,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> BoxFuture<'_, Result<Claim>>;
     /// Stores a message's terminal response and its history.
     fn complete(&self, completion: Completion) -> BoxFuture<'_, Result<()>>;
+    /// Claims and completes a message in one write, for a message answered before it was
+    /// claimed (its agent can be asked again harmlessly, so no claim had to come first).
+    /// Returns [`Claim::New`] when written; when `msg_id` was received before, writes nothing
+    /// and says what became of it, like [`Store::claim`].
+    fn record(&self, completion: Completion, received_ms: i64) -> BoxFuture<'_, Result<Claim>>;
     /// The last `limit` messages of a conversation's history, as JSON text, oldest first.
     fn history(
         &self,

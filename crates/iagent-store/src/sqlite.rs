@@ -199,7 +199,7 @@ fn migrate(conn: &Connection) -> Result<()> {
             app TEXT NOT NULL,
             msg_id TEXT NOT NULL,
             received_ms INTEGER NOT NULL,
-            inbound TEXT NOT NULL,
+            inbound TEXT,
             response TEXT,
             deferred_until INTEGER,
             deferred_agent TEXT,
@@ -258,6 +258,14 @@ fn append_history(conn: &Connection, app: &str, entries: &[HistoryEntry]) -> Res
         append.execute(params![app, entry.conversation, entry.at_ms, entry.message])?;
     }
     Ok(())
+}
+
+/// What became of a `msg_id` that is already recorded.
+fn earlier_claim(conn: &Connection, app: &str, msg_id: &str) -> Result<Claim> {
+    let response: Option<String> = conn
+        .prepare_cached("SELECT response FROM messages WHERE app = ?1 AND msg_id = ?2")?
+        .query_row(params![app, msg_id], |row| row.get(0))?;
+    Ok(response.map_or(Claim::Pending, Claim::Answered))
 }
 
 fn bump_agents_version(conn: &Connection, app: &str) -> Result<()> {
@@ -463,17 +471,36 @@ impl Store for SqliteStore {
             if inserted == 1 {
                 return Ok(Claim::New);
             }
-            let response: Option<String> = conn
-                .prepare_cached("SELECT response FROM messages WHERE app = ?1 AND msg_id = ?2")?
-                .query_row(params![app, msg_id], |row| row.get(0))?;
-            Ok(response.map_or(Claim::Pending, Claim::Answered))
+            earlier_claim(conn, &app, &msg_id)
+        })
+    }
+
+    fn record(&self, completion: Completion, received_ms: i64) -> BoxFuture<'_, Result<Claim>> {
+        self.run(move |conn| {
+            let inserted = conn
+                .prepare_cached(
+                    "INSERT INTO messages (app, msg_id, received_ms, response) VALUES (?1, ?2, ?3, ?4)
+                     ON CONFLICT DO NOTHING",
+                )?
+                .execute(params![
+                    completion.app,
+                    completion.msg_id,
+                    received_ms,
+                    completion.response
+                ])?;
+            if inserted == 0 {
+                return earlier_claim(conn, &completion.app, &completion.msg_id);
+            }
+            append_history(conn, &completion.app, &completion.history)?;
+            Ok(Claim::New)
         })
     }
 
     fn complete(&self, completion: Completion) -> BoxFuture<'_, Result<()>> {
         self.run(move |conn| {
+            // The inbound frame was kept for recovery only; an answered message needs it no more.
             conn.prepare_cached(
-                "UPDATE messages SET response = ?3 WHERE app = ?1 AND msg_id = ?2",
+                "UPDATE messages SET response = ?3, inbound = NULL WHERE app = ?1 AND msg_id = ?2",
             )?
             .execute(params![
                 completion.app,

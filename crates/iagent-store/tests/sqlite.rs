@@ -337,6 +337,54 @@ async fn claim_is_new_then_pending_then_answered() {
 }
 
 #[tokio::test]
+async fn record_writes_once_and_then_reports_what_is_stored() {
+    let (_dir, store) = fresh();
+    let said = |text: &str| vec![history("p:5:alice:echo", NOW, text)];
+    assert_eq!(
+        store
+            .record(completion("shop", "m1", "first", said("hi")), NOW)
+            .await
+            .unwrap(),
+        Claim::New
+    );
+    // A second record of the same msg_id writes nothing: neither response nor history.
+    assert_eq!(
+        store
+            .record(completion("shop", "m1", "second", said("hi again")), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered("first".into())
+    );
+    assert_eq!(
+        store.claim("shop", "m1", "in".into(), NOW).await.unwrap(),
+        Claim::Answered("first".into())
+    );
+    assert_eq!(
+        store.history("shop", "p:5:alice:echo", 10).await.unwrap(),
+        vec!["hi".to_owned()]
+    );
+    // A recorded message is answered, so recovery has nothing to do for it.
+    assert!(store.unanswered().await.unwrap().is_empty());
+
+    // A message claimed (its agent still working) is reported pending, and stays unanswered.
+    assert_eq!(
+        store
+            .claim("shop", "m2", "in-m2".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::New
+    );
+    assert_eq!(
+        store
+            .record(completion("shop", "m2", "late", vec![]), NOW)
+            .await
+            .unwrap(),
+        Claim::Pending
+    );
+    assert_eq!(store.unanswered().await.unwrap().len(), 1);
+}
+
+#[tokio::test]
 async fn the_same_msg_id_in_another_app_is_independent() {
     let (_dir, store) = fresh();
     assert_eq!(

@@ -26,8 +26,8 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 /// How long a test waits for any one frame before failing.
 pub const FRAME_WAIT: Duration = Duration::from_secs(10);
 
-/// A store that delegates to SQLite, can hold chosen messages before they are claimed, and counts
-/// completions per `msg_id`.
+/// A store that delegates to SQLite, can hold chosen messages before they are claimed (or, for
+/// a repeatable agent, recorded with their answer), and counts completions per `msg_id`.
 pub struct GatedStore {
     inner: SqliteStore,
     gates: Mutex<HashMap<String, Arc<Semaphore>>>,
@@ -111,6 +111,20 @@ impl Store for GatedStore {
                 let _pass = gate.acquire().await.expect("gate open");
             }
             self.inner.claim(&app, &msg_id, inbound, now_ms).await
+        })
+    }
+    fn record(&self, completion: Completion, received_ms: i64) -> BoxFuture<'_, Result<Claim>> {
+        let gate = self.gates.lock().unwrap().get(&completion.msg_id).cloned();
+        Box::pin(async move {
+            if let Some(gate) = gate {
+                let _pass = gate.acquire().await.expect("gate open");
+            }
+            let msg_id = completion.msg_id.clone();
+            let claim = self.inner.record(completion, received_ms).await?;
+            if claim == Claim::New {
+                *self.completions.lock().unwrap().entry(msg_id).or_default() += 1;
+            }
+            Ok(claim)
         })
     }
     fn complete(&self, completion: Completion) -> BoxFuture<'_, Result<()>> {
