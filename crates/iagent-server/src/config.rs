@@ -49,6 +49,10 @@ pub struct Limits {
     /// Largest WebSocket message accepted, in bytes. Over it the connection is closed with 1009:
     /// this is protocol abuse, not a bad message, because the frame was never read whole.
     pub max_frame_bytes: usize,
+    /// How many bytes a connection reads from its socket at a time. Its read buffer is this
+    /// big even while it is idle, so this is most of what an idle connection costs; larger
+    /// frames are read in several steps.
+    pub read_buffer_bytes: usize,
     /// Largest text `content`, in bytes. Over it the message is answered with 40.
     pub max_text_bytes: usize,
     /// Open connections per app. Over it the upgrade is refused with 429 and `Retry-After`.
@@ -90,6 +94,7 @@ impl Default for Limits {
     fn default() -> Self {
         Self {
             max_frame_bytes: 64 * 1024,
+            read_buffer_bytes: 8 * 1024,
             max_text_bytes: iagent_protocol::Limits::DEFAULT_MAX_TEXT_BYTES,
             max_connections_per_app: 64,
             max_in_flight_per_app: 10_000,
@@ -253,6 +258,7 @@ impl Config {
         };
         let (l, t, r) = (&self.limits, &self.timeouts, &self.retention);
         positive("limits.max_frame_bytes", l.max_frame_bytes as u64);
+        positive("limits.read_buffer_bytes", l.read_buffer_bytes as u64);
         positive("limits.max_text_bytes", l.max_text_bytes as u64);
         positive(
             "limits.max_connections_per_app",

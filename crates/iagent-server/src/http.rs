@@ -98,6 +98,7 @@ async fn chat(
     };
     let max = gateway.config.limits.max_frame_bytes;
     upgrade
+        .read_buffer_size(gateway.config.limits.read_buffer_bytes)
         .max_message_size(max)
         .max_frame_size(max)
         .on_upgrade(move |socket| {

@@ -126,6 +126,10 @@ const COMMENTS: &[(&str, &str)] = &[
         "Largest WebSocket message. Over it: the connection is closed with 1009.",
     ),
     (
+        "read_buffer_bytes",
+        "Bytes a connection reads at a time; an idle connection holds a buffer this big.",
+    ),
+    (
         "max_text_bytes",
         "Largest text content. Over it: the message is answered with 40.",
     ),
