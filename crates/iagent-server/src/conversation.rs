@@ -122,24 +122,10 @@ impl Processing<'_> {
     /// The path for agents that act on the world: the message is claimed first, so that a
     /// crash while the agent works leaves a record for the restart to answer with 50.
     async fn claim_then_answer(self) -> Option<Outcome> {
-        let claim = self.gateway.store.claim(
-            &self.app.name,
-            &self.message.msg_id,
-            self.inbound.clone(),
-            now_ms(),
-        );
-        if let Err(earlier) = self.settle(claim.await, "claim") {
+        if let Err(earlier) = self.claim().await {
             return earlier;
         }
-        match answer(
-            self.gateway,
-            self.app,
-            self.conversation,
-            self.agent,
-            self.message,
-        )
-        .await
-        {
+        match self.ask().await {
             Answer::Now(response) => Some(self.complete(&response).await),
             Answer::Later => self.wait_for_push().await,
         }
@@ -148,27 +134,14 @@ impl Processing<'_> {
     /// The path for repeatable agents (see [`Agent::repeatable`]): asked first, then the
     /// message is recorded with its answer in one write, half the writes of claim-then-answer.
     async fn answer_then_record(self) -> Option<Outcome> {
-        let response = match answer(
-            self.gateway,
-            self.app,
-            self.conversation,
-            self.agent,
-            self.message,
-        )
-        .await
-        {
+        let response = match self.ask().await {
             Answer::Now(response) => response,
+            // A reply to come waits on a claim, as any agent's does.
             Answer::Later => {
-                let claim = self.gateway.store.claim(
-                    &self.app.name,
-                    &self.message.msg_id,
-                    self.inbound.clone(),
-                    now_ms(),
-                );
-                if let Err(earlier) = self.settle(claim.await, "claim") {
-                    return earlier;
-                }
-                return self.wait_for_push().await;
+                return match self.claim().await {
+                    Ok(()) => self.wait_for_push().await,
+                    Err(earlier) => earlier,
+                };
             }
         };
         let text = response.to_json();
@@ -195,6 +168,28 @@ impl Processing<'_> {
             text,
             answered_here: true,
         })
+    }
+
+    /// Claims the message: `Ok` when it is new here, else what a message seen before gets.
+    async fn claim(&self) -> Result<(), Option<Outcome>> {
+        let claim = self.gateway.store.claim(
+            &self.app.name,
+            &self.message.msg_id,
+            self.inbound.clone(),
+            now_ms(),
+        );
+        self.settle(claim.await, "claim")
+    }
+
+    async fn ask(&self) -> Answer {
+        answer(
+            self.gateway,
+            self.app,
+            self.conversation,
+            self.agent,
+            self.message,
+        )
+        .await
     }
 
     /// Goes on (`Ok`) with a message claimed for the first time; otherwise (`Err`) says what a
