@@ -44,6 +44,10 @@ pub struct ReplyStrategy {
     /// Whether messages written by agents (`sender_type` 2) are answered. Off by default, so
     /// that agents never loop on each other.
     pub answer_agents: bool,
+    /// After the agent speaks in a conversation, it stays silent there for this many
+    /// milliseconds: messages in between get 10 with `cooldown`. 0 (the default) is no cooldown.
+    /// Judged from the conversation's stored history, its last [`crate::MAX_HISTORY`] messages.
+    pub cooldown_ms: u64,
 }
 
 /// Why an agent does not reply: the `content` of the 10 response.
@@ -57,6 +61,8 @@ pub enum NoReply {
     PrivateDisabled,
     /// The agent never answers group messages.
     GroupDisabled,
+    /// The agent spoke in this conversation less than its cooldown ago.
+    Cooldown,
 }
 
 impl NoReply {
@@ -67,6 +73,7 @@ impl NoReply {
             Self::SenderIsAgent => "sender_is_agent",
             Self::PrivateDisabled => "private_disabled",
             Self::GroupDisabled => "group_disabled",
+            Self::Cooldown => "cooldown",
         }
     }
 }
@@ -95,6 +102,20 @@ impl ReplyStrategy {
                 GroupPolicy::Mention => Err(NoReply::NotAddressed),
             },
         }
+    }
+
+    /// Whether agent `agent_id`, at `now_ms`, is still silent after speaking in a conversation
+    /// whose earlier messages are `history`.
+    pub fn cooling_down(&self, history: &[Message], agent_id: &str, now_ms: i64) -> bool {
+        if self.cooldown_ms == 0 {
+            return false;
+        }
+        let since = now_ms.saturating_sub(i64::try_from(self.cooldown_ms).unwrap_or(i64::MAX));
+        history.iter().any(|earlier| {
+            earlier.sender_type == SenderType::Agent
+                && earlier.sender_id == agent_id
+                && earlier.timestamp > since
+        })
     }
 }
 
@@ -185,5 +206,30 @@ mod tests {
             ..Default::default()
         };
         assert_eq!(open.decide(&msg, "bot"), Ok(()));
+    }
+
+    #[test]
+    fn a_cooldown_holds_only_after_the_agent_spoke_and_only_for_its_length() {
+        let strategy = ReplyStrategy {
+            cooldown_ms: 1_000,
+            ..ReplyStrategy::default()
+        };
+        let said = |sender_type, sender: &str, at| Message {
+            sender_type,
+            sender_id: sender.into(),
+            timestamp: at,
+            ..message(ChatType::Group, SenderType::User, None, "x")
+        };
+        let history = [
+            said(SenderType::User, "bot", 9_900),
+            said(SenderType::Agent, "other", 9_900),
+            said(SenderType::Agent, "bot", 9_000),
+        ];
+        // Only the agent's own words count: a user named like it and another agent do not.
+        assert!(!strategy.cooling_down(&history[..2], "bot", 10_000));
+        assert!(strategy.cooling_down(&history, "bot", 9_999));
+        assert!(!strategy.cooling_down(&history, "bot", 10_000));
+        assert!(!ReplyStrategy::default().cooling_down(&history, "bot", 9_001));
+        assert_eq!(NoReply::Cooldown.code(), "cooldown");
     }
 }

@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use iagent_agent::{Agent, AgentError, MAX_HISTORY, Reply, Turn};
+use iagent_agent::{Agent, AgentError, MAX_HISTORY, NoReply, Reply, Turn};
 use iagent_protocol::{ChatType, Message, RespCode};
 use iagent_store::{Claim, Completion, HistoryEntry};
 use tokio::sync::OwnedSemaphorePermit;
@@ -391,6 +391,14 @@ async fn answer(
             return respond(RespCode::Failed, cause);
         }
     };
+    if agent
+        .strategy()
+        .cooling_down(&history, agent.id(), now_ms())
+    {
+        return respond(RespCode::NoReply, NoReply::Cooldown.code());
+    }
+    // A cooldown reads more history than the agent is given.
+    let history = &history[history.len().saturating_sub(agent.history_len())..];
     let deadline = gateway.config.timeouts.agent_deadline();
     let files = AppFiles {
         gateway,
@@ -398,7 +406,7 @@ async fn answer(
     };
     let turn = Turn {
         message,
-        history: &history,
+        history,
         files: &files,
     };
     let outcome = tokio::select! {
@@ -425,7 +433,7 @@ async fn answer(
 }
 
 /// The conversation's last messages, oldest first, as many as the agent wants (none for most
-/// kinds, which then cost no read). Sequential processing per conversation means every earlier
+/// kinds, which then cost no read), or [`MAX_HISTORY`] when its cooldown needs them. Sequential processing per conversation means every earlier
 /// message is already stored.
 async fn earlier_messages(
     gateway: &Gateway,
@@ -433,7 +441,11 @@ async fn earlier_messages(
     conversation: &ConversationKey,
     agent: &dyn Agent,
 ) -> Result<Vec<Message>, iagent_store::StoreError> {
-    let wanted = agent.history_len().min(MAX_HISTORY);
+    let wanted = if agent.strategy().cooldown_ms > 0 {
+        MAX_HISTORY
+    } else {
+        agent.history_len().min(MAX_HISTORY)
+    };
     if wanted == 0 {
         return Ok(Vec::new());
     }

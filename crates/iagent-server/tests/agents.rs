@@ -304,3 +304,26 @@ async fn agents_that_want_history_get_the_conversations_last_messages_both_ways(
     assert_eq!(response["content"], "h:carol:lunch?");
     gateway.stop().await;
 }
+
+#[tokio::test]
+async fn an_agent_in_its_cooldown_is_silent_in_that_conversation_only() {
+    let cooling = AgentRecord {
+        id: "calm".into(),
+        kind: "echo".into(),
+        config: r#"{"strategy": {"cooldown_ms": 600000}}"#.into(),
+    };
+    let gateway = TestGateway::with_agents(Config::default(), kinds(), vec![cooling]).await;
+    let mut client = gateway.connect().await;
+    let first = client.ask(&to("calm", "c1", "alice")).await;
+    assert_response(&first, "c1", 0);
+    let again = client.ask(&to("calm", "c2", "alice")).await;
+    assert_response(&again, "c2", 10);
+    assert_eq!(again["content"], "cooldown");
+    // Another conversation has its own cooldown, and a declined message does not extend one.
+    assert_response(&client.ask(&to("calm", "c3", "bob")).await, "c3", 0);
+    assert_response(&client.ask(&to("calm", "c4", "bob")).await, "c4", 10);
+    // The default echo agent has no cooldown.
+    assert_response(&client.ask(&private("e1", "alice", "hi")).await, "e1", 0);
+    assert_response(&client.ask(&private("e2", "alice", "hi")).await, "e2", 0);
+    gateway.stop().await;
+}
