@@ -133,7 +133,7 @@ impl Processing<'_> {
 
     /// The path for repeatable agents (see [`Agent::repeatable`]): asked first, then the
     /// message is recorded with its answer in one write, half the writes of claim-then-answer.
-    async fn answer_then_record(self) -> Option<Outcome> {
+    async fn answer_then_record(mut self) -> Option<Outcome> {
         let response = match self.ask().await {
             Answer::Now(response) => response,
             // A reply to come waits on a claim, as any agent's does.
@@ -149,7 +149,8 @@ impl Processing<'_> {
             self.app,
             self.conversation,
             self.message,
-            self.inbound.clone(),
+            // Nothing after the record needs the inbound text: no claim comes on this path.
+            std::mem::take(&mut self.inbound),
             &response,
             &text,
         );
