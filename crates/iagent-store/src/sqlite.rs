@@ -5,11 +5,16 @@
 //! share one commit, while a lone request still commits at once (the writer never waits to fill
 //! a batch). The database runs in WAL mode; see [`Durability`] for what a commit survives.
 
+mod history;
+
+use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::thread;
 
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::{mpsc, oneshot};
+
+pub use history::DEFAULT_HISTORY_MERGE_ROWS;
 
 use crate::token::{self, Token};
 use crate::{
@@ -48,10 +53,51 @@ pub enum Durability {
     Power,
 }
 
-/// A unit of work for the writer: runs its statements on the connection (or, given `None`
+/// How the store is set up.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Options {
+    /// What a commit survives.
+    pub durability: Durability,
+    /// How many history rows are indexed in memory before they are merged into the
+    /// database's conversation index (see [`DEFAULT_HISTORY_MERGE_ROWS`]).
+    pub history_merge_rows: usize,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            durability: Durability::default(),
+            history_merge_rows: DEFAULT_HISTORY_MERGE_ROWS,
+        }
+    }
+}
+
+/// A unit of work for the writer: runs its statements on the database (or, given `None`
 /// because the batch's transaction could not begin, runs nothing), and returns what to do once
 /// the batch's outcome is known: hand the result, or the batch's error, to the caller.
-type Job = Box<dyn FnOnce(Option<&Connection>) -> Settle + Send>;
+type Job = Box<dyn FnOnce(Option<&mut Database>) -> Settle + Send>;
+
+/// What the writer thread owns: the connection, and the state derived from the database that
+/// is kept in memory (see [`history`]).
+struct Database {
+    conn: Connection,
+    history: history::HistoryIndex,
+}
+
+impl Database {
+    fn append_history(&mut self, app: &str, entries: &[HistoryEntry]) -> Result<()> {
+        self.history.append(&self.conn, app, entries)
+    }
+}
+
+/// Jobs that only run statements use the database as the connection it is.
+impl Deref for Database {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        &self.conn
+    }
+}
 type Settle = Box<dyn FnOnce(Result<(), &rusqlite::Error>) + Send>;
 
 /// The SQLite store. Cheap to share behind an `Arc`; the writer thread stops when it is dropped.
@@ -66,7 +112,7 @@ pub struct SqliteStore {
 
 impl SqliteStore {
     /// Opens (creating if needed) the database in `data_dir`, creating the directory too.
-    pub fn open(data_dir: &Path, durability: Durability) -> Result<Self> {
+    pub fn open(data_dir: &Path, options: Options) -> Result<Self> {
         std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
             path: data_dir.to_owned(),
             source,
@@ -78,12 +124,14 @@ impl SqliteStore {
         })?;
         let path = data_dir.join(DATABASE_FILE);
         let conn = Connection::open(&path)?;
-        configure(&conn, durability)?;
+        configure(&conn, options.durability)?;
         migrate(&conn)?;
+        let history = history::HistoryIndex::load(&conn, options.history_merge_rows)?;
+        let database = Database { conn, history };
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
         thread::Builder::new()
             .name("iagent-store".into())
-            .spawn(move || write_loop(conn, queue))
+            .spawn(move || write_loop(database, queue))
             .map_err(|source| StoreError::DataDir {
                 path: data_dir.to_owned(),
                 source,
@@ -101,11 +149,11 @@ impl SqliteStore {
     fn run<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
     where
         T: Send + 'static,
-        F: FnOnce(&Connection) -> Result<T> + Send + 'static,
+        F: FnOnce(&mut Database) -> Result<T> + Send + 'static,
     {
         let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |conn| {
-            let outcome = conn.map(|conn| in_savepoint(conn, work));
+        let job: Job = Box::new(move |database| {
+            let outcome = database.map(|database| in_savepoint(database, work));
             Box::new(move |batch| {
                 let result = match (batch, outcome) {
                     (Ok(()), Some(outcome)) => outcome,
@@ -125,41 +173,91 @@ impl SqliteStore {
 }
 
 /// Runs `work` so that a failure undoes only its own statements, not the batch's.
-fn in_savepoint<T>(conn: &Connection, work: impl FnOnce(&Connection) -> Result<T>) -> Result<T> {
+fn in_savepoint<T>(
+    database: &mut Database,
+    work: impl FnOnce(&mut Database) -> Result<T>,
+) -> Result<T> {
     // Cached statements: `execute_batch` would parse the SQL again for every job.
-    conn.prepare_cached("SAVEPOINT job")?.execute([])?;
-    let outcome = work(conn);
+    database.prepare_cached("SAVEPOINT job")?.execute([])?;
+    let outcome = work(database);
     if outcome.is_err() {
-        conn.prepare_cached("ROLLBACK TO job")?.execute([])?;
+        database.history.discard();
+        database.prepare_cached("ROLLBACK TO job")?.execute([])?;
     }
-    conn.prepare_cached("RELEASE job")?.execute([])?;
+    // Whatever the release does, the job's rows now stand or fall with the batch, and a batch
+    // that fails reads the tail back.
+    database.history.keep();
+    database.prepare_cached("RELEASE job")?.execute([])?;
     outcome
 }
 
-fn write_loop(conn: Connection, mut queue: mpsc::Receiver<Job>) {
+fn write_loop(mut database: Database, mut queue: mpsc::Receiver<Job>) {
     let mut batch = Vec::with_capacity(MAX_BATCH);
     while queue.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
         let jobs = batch.len();
-        let outcome = match conn.execute_batch("BEGIN IMMEDIATE") {
+        let outcome = match database.execute_batch("BEGIN IMMEDIATE") {
             Ok(()) => {
-                let settles: Vec<Settle> = batch.drain(..).map(|job| job(Some(&conn))).collect();
-                (settles, conn.execute_batch("COMMIT"))
+                let settles: Vec<Settle> = batch
+                    .drain(..)
+                    .map(|job| job(Some(&mut database)))
+                    .collect();
+                (settles, database.execute_batch("COMMIT"))
             }
             Err(err) => (batch.drain(..).map(|job| job(None)).collect(), Err(err)),
         };
         let (settles, result) = outcome;
         if let Err(err) = &result {
             tracing::error!(error = %err, jobs, "store transaction failed");
-            // A failed COMMIT can leave the transaction open; none of it may stand.
-            if !conn.is_autocommit()
-                && let Err(err) = conn.execute_batch("ROLLBACK")
-            {
-                tracing::error!(error = %err, "store rollback failed");
-            }
+            rollback(&mut database);
         }
         let result = result.as_ref().map(|_| ());
         for settle in settles {
             settle(result);
+        }
+        // After the callers have their answers, so that a merge never delays them.
+        if database.history.merge_due() {
+            merge_history_index(&mut database);
+        }
+    }
+}
+
+/// Undoes the open transaction, if any: none of a failed batch may stand, and the history
+/// index's tail must again say what the database holds.
+fn rollback(database: &mut Database) {
+    // A failed COMMIT can leave the transaction open.
+    if !database.is_autocommit()
+        && let Err(err) = database.execute_batch("ROLLBACK")
+    {
+        tracing::error!(error = %err, "store rollback failed");
+    }
+    let Database { conn, history } = database;
+    if let Err(err) = history.reload(conn) {
+        tracing::error!(error = %err, "history index tail could not be read back");
+    }
+}
+
+/// Merges the history index's tail into the database in a transaction of its own, so that a
+/// failure costs no caller its write; the merge is then tried again after the next batch.
+fn merge_history_index(database: &mut Database) {
+    let merge = |database: &Database| -> Result<()> {
+        database.execute_batch("BEGIN IMMEDIATE")?;
+        database.history.merge(database)?;
+        database.execute_batch("COMMIT")?;
+        Ok(())
+    };
+    let started = std::time::Instant::now();
+    match merge(database) {
+        Ok(()) => {
+            tracing::debug!(
+                rows = database.history.rows(),
+                ms = started.elapsed().as_millis(),
+                "history index merged"
+            );
+            database.history.merged();
+        }
+        Err(err) => {
+            tracing::error!(error = %err, "history index merge failed; tried again later");
+            rollback(database);
         }
     }
 }
@@ -217,15 +315,6 @@ fn migrate(conn: &Connection) -> Result<()> {
             PRIMARY KEY (app, msg_id)
         ) WITHOUT ROWID;
         CREATE INDEX IF NOT EXISTS messages_received ON messages(received_ms);
-        CREATE TABLE IF NOT EXISTS history (
-            id INTEGER PRIMARY KEY,
-            app TEXT NOT NULL,
-            conversation TEXT NOT NULL,
-            at_ms INTEGER NOT NULL,
-            message TEXT NOT NULL
-        );
-        CREATE INDEX IF NOT EXISTS history_conversation ON history(app, conversation, id);
-        CREATE INDEX IF NOT EXISTS history_at ON history(at_ms);
         CREATE TABLE IF NOT EXISTS outbox (
             id INTEGER PRIMARY KEY AUTOINCREMENT,
             app TEXT NOT NULL,
@@ -242,9 +331,13 @@ fn migrate(conn: &Connection) -> Result<()> {
             size INTEGER NOT NULL,
             created_ms INTEGER NOT NULL
         ) WITHOUT ROWID;
-        CREATE INDEX IF NOT EXISTS files_created ON files(created_ms);",
+        CREATE INDEX IF NOT EXISTS files_created ON files(created_ms);
+        CREATE TABLE IF NOT EXISTS store_meta (
+            key TEXT PRIMARY KEY,
+            value INTEGER NOT NULL
+        ) WITHOUT ROWID;",
     )?;
-    Ok(())
+    history::migrate(conn)
 }
 
 /// A new random file id: `f` and 128 bits in hex.
@@ -259,16 +352,6 @@ fn issue_token(conn: &Connection, app: &str, now_ms: i64) -> Result<Token> {
     conn.prepare_cached("INSERT INTO tokens (hash, app, created_ms) VALUES (?1, ?2, ?3)")?
         .execute(params![&token::hash(token.expose())[..], app, now_ms])?;
     Ok(token)
-}
-
-fn append_history(conn: &Connection, app: &str, entries: &[HistoryEntry]) -> Result<()> {
-    let mut append = conn.prepare_cached(
-        "INSERT INTO history (app, conversation, at_ms, message) VALUES (?1, ?2, ?3, ?4)",
-    )?;
-    for entry in entries {
-        append.execute(params![app, entry.conversation, entry.at_ms, entry.message])?;
-    }
-    Ok(())
 }
 
 /// What became of a `msg_id` that is already recorded.
@@ -487,8 +570,8 @@ impl Store for SqliteStore {
     }
 
     fn record(&self, completion: Completion, received_ms: i64) -> BoxFuture<'_, Result<Claim>> {
-        self.run(move |conn| {
-            let inserted = conn
+        self.run(move |database| {
+            let inserted = database
                 .prepare_cached(
                     "INSERT INTO messages (app, msg_id, received_ms, response) VALUES (?1, ?2, ?3, ?4)
                      ON CONFLICT DO NOTHING",
@@ -500,17 +583,17 @@ impl Store for SqliteStore {
                     completion.response
                 ])?;
             if inserted == 0 {
-                return earlier_claim(conn, &completion.app, &completion.msg_id);
+                return earlier_claim(database, &completion.app, &completion.msg_id);
             }
-            append_history(conn, &completion.app, &completion.history)?;
+            database.append_history(&completion.app, &completion.history)?;
             Ok(Claim::New)
         })
     }
 
     fn complete(&self, completion: Completion) -> BoxFuture<'_, Result<()>> {
-        self.run(move |conn| {
+        self.run(move |database| {
             // The inbound frame was kept for recovery only; an answered message needs it no more.
-            conn.prepare_cached(
+            database.prepare_cached(
                 "UPDATE messages SET response = ?3, inbound = NULL WHERE app = ?1 AND msg_id = ?2",
             )?
             .execute(params![
@@ -518,7 +601,7 @@ impl Store for SqliteStore {
                 completion.msg_id,
                 completion.response
             ])?;
-            append_history(conn, &completion.app, &completion.history)
+            database.append_history(&completion.app, &completion.history)
         })
     }
 
@@ -529,15 +612,11 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<String>>> {
         let (app, conversation) = (app.to_owned(), conversation.to_owned());
-        self.run(move |conn| {
-            let mut statement = conn.prepare_cached(
-                "SELECT message FROM history WHERE app = ?1 AND conversation = ?2 ORDER BY id DESC LIMIT ?3",
-            )?;
-            let mut newest_first: Vec<String> = statement
-                .query_map(params![app, conversation, limit], |row| row.get(0))?
-                .collect::<rusqlite::Result<_>>()?;
-            newest_first.reverse();
-            Ok(newest_first)
+        self.run(move |database| {
+            let limit = usize::try_from(limit).unwrap_or(usize::MAX);
+            database
+                .history
+                .read(&database.conn, &app, &conversation, limit)
         })
     }
 
@@ -580,7 +659,7 @@ impl Store for SqliteStore {
 
     fn append_history(&self, app: &str, entries: Vec<HistoryEntry>) -> BoxFuture<'_, Result<()>> {
         let app = app.to_owned();
-        self.run(move |conn| append_history(conn, &app, &entries))
+        self.run(move |database| database.append_history(&app, &entries))
     }
 
     fn unanswered(&self) -> BoxFuture<'_, Result<Vec<Unanswered>>> {
@@ -667,15 +746,14 @@ impl Store for SqliteStore {
     fn purge(&self, before: PurgeBefore) -> BoxFuture<'_, Result<Purged>> {
         Box::pin(async move {
             let (mut purged, expired_files) = self
-                .run(move |conn| {
-                    let dedup = conn
+                .run(move |database| {
+                    let dedup = database
                         .prepare_cached(
                             "DELETE FROM messages WHERE received_ms < ?1 AND response IS NOT NULL",
                         )?
                         .execute([before.dedup])? as u64;
-                    let history = conn
-                        .prepare_cached("DELETE FROM history WHERE at_ms < ?1")?
-                        .execute([before.history])? as u64;
+                    let Database { conn, history } = database;
+                    let history = history.purge(conn, before.history)?;
                     let outbox_expired = conn
                         .prepare_cached(
                             "SELECT app, COUNT(*) FROM outbox WHERE expires_ms < ?1 GROUP BY app ORDER BY app",

@@ -12,7 +12,7 @@ use std::path::Path;
 use std::sync::Arc;
 
 use iagent_store::{
-    AgentRecord, Claim, Completion, Durability, HistoryEntry, PurgeBefore, SqliteStore, Store,
+    AgentRecord, Claim, Completion, HistoryEntry, Options, PurgeBefore, SqliteStore, Store,
     StoreError, Unanswered, token,
 };
 use tokio::task::JoinSet;
@@ -20,7 +20,7 @@ use tokio::task::JoinSet;
 const NOW: i64 = 1_700_000_000_000;
 
 fn open(dir: &Path) -> SqliteStore {
-    SqliteStore::open(dir, Durability::default()).expect("open the store")
+    SqliteStore::open(dir, Options::default()).expect("open the store")
 }
 
 /// A store in a fresh temporary directory; the directory lives as long as the returned guard.
@@ -1058,7 +1058,7 @@ async fn a_failing_job_does_not_poison_its_batch() {
 #[tokio::test]
 async fn outbox_ids_are_never_reused() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), Durability::default()).unwrap();
+    let store = SqliteStore::open(dir.path(), Options::default()).unwrap();
     let first = store.outbox_push("shop", "a".into(), 0, 10).await.unwrap();
     let second = store.outbox_push("shop", "b".into(), 0, 10).await.unwrap();
     store.outbox_remove("shop", vec![second]).await.unwrap();
@@ -1069,7 +1069,7 @@ async fn outbox_ids_are_never_reused() {
 #[tokio::test]
 async fn agents_are_added_replaced_and_made_default() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), Durability::default()).unwrap();
+    let store = SqliteStore::open(dir.path(), Options::default()).unwrap();
     store.create_app("shop", 0).await.unwrap();
     let helper = |config: &str| iagent_store::AgentRecord {
         id: "helper".into(),
@@ -1104,7 +1104,7 @@ async fn agents_are_added_replaced_and_made_default() {
 #[tokio::test]
 async fn files_are_stored_per_app_and_purged_from_disk() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), Durability::default()).unwrap();
+    let store = SqliteStore::open(dir.path(), Options::default()).unwrap();
     store.create_app("shop", 0).await.unwrap();
     store.create_app("blog", 0).await.unwrap();
     let meta = store
@@ -1193,7 +1193,7 @@ async fn files_are_stored_per_app_and_purged_from_disk() {
 #[tokio::test]
 async fn agent_changes_bump_the_version_and_the_default_cannot_be_removed() {
     let dir = tempfile::tempdir().unwrap();
-    let store = SqliteStore::open(dir.path(), Durability::default()).unwrap();
+    let store = SqliteStore::open(dir.path(), Options::default()).unwrap();
     store.create_app("shop", 0).await.unwrap();
     let version = |apps: Vec<iagent_store::App>| apps[0].agents_version;
     let v0 = version(store.list_apps().await.unwrap());

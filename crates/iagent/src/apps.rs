@@ -49,7 +49,7 @@ pub(crate) enum AppCommand {
 }
 
 pub(crate) fn open(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
-    SqliteStore::open(data, iagent_store::Durability::default())
+    SqliteStore::open(data, iagent_store::Options::default())
         .with_context(|| format!("cannot open the store in {}", data.display()))
 }
 

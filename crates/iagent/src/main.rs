@@ -118,7 +118,7 @@ async fn serve(settings: settings::Settings) -> anyhow::Result<()> {
         anyhow::anyhow!("invalid configuration:\n  {}", problems.join("\n  "))
     })?;
     let mut signals = StopSignals::listen()?;
-    let store = iagent_store::SqliteStore::open(&settings.data_dir, settings.durability)
+    let store = iagent_store::SqliteStore::open(&settings.data_dir, settings.store)
         .with_context(|| format!("cannot open the store in {}", settings.data_dir.display()))?;
     let store: std::sync::Arc<dyn iagent_store::Store> = std::sync::Arc::new(store);
     let listener = tokio::net::TcpListener::bind(settings.listen)

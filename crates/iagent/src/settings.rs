@@ -48,6 +48,7 @@ struct Serve {
     listen: SocketAddr,
     data_dir: PathBuf,
     durability: DurabilitySetting,
+    history_merge_rows: usize,
 }
 
 impl Default for Serve {
@@ -58,6 +59,7 @@ impl Default for Serve {
                 .unwrap_or_else(|_| unreachable!("a valid address")),
             data_dir: DEFAULT_DATA_DIR.into(),
             durability: DurabilitySetting::Process,
+            history_merge_rows: iagent_store::DEFAULT_HISTORY_MERGE_ROWS,
         }
     }
 }
@@ -74,7 +76,7 @@ enum DurabilitySetting {
 pub(crate) struct Settings {
     pub(crate) listen: SocketAddr,
     pub(crate) data_dir: PathBuf,
-    pub(crate) durability: Durability,
+    pub(crate) store: iagent_store::Options,
     pub(crate) server: iagent_server::Config,
     pub(crate) agents: Vec<AgentDeclaration>,
 }
@@ -99,9 +101,12 @@ impl Settings {
         Ok(Self {
             listen: listen.unwrap_or(file.serve.listen),
             data_dir: data.unwrap_or(file.serve.data_dir),
-            durability: match file.serve.durability {
-                DurabilitySetting::Process => Durability::Process,
-                DurabilitySetting::Power => Durability::Power,
+            store: iagent_store::Options {
+                durability: match file.serve.durability {
+                    DurabilitySetting::Process => Durability::Process,
+                    DurabilitySetting::Power => Durability::Power,
+                },
+                history_merge_rows: file.serve.history_merge_rows,
             },
             server: file.server,
             agents: file.agents,
@@ -120,6 +125,11 @@ const COMMENTS: &[(&str, &str)] = &[
         "durability",
         "\"process\": commits survive the process being killed (WAL, synchronous=NORMAL).\n\
          \"power\": every commit is fsynced and also survives a power loss (synchronous=FULL).",
+    ),
+    (
+        "history_merge_rows",
+        "History rows indexed in memory before they are merged into the database's conversation\n\
+         index. At it: one merge, which delays the next store commit by its length.",
     ),
     (
         "max_frame_bytes",

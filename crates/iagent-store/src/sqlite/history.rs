@@ -1,0 +1,298 @@
+//! Conversation history, and its lookup by conversation kept off the per-commit path.
+//!
+//! History rows are appended in id order, which costs a commit only the table's last page. An
+//! ordinary index on (app, conversation) would instead put every new entry at the place of its
+//! conversation: one page per conversation in every commit, so under load with thousands of
+//! conversations, one 4 KiB page written to the WAL (and later checkpointed) per message. That
+//! was most of the store's work.
+//!
+//! So the index is kept lazily. `history_index` holds the entries of rows up to a watermark
+//! (`history_indexed_through` in `store_meta`); the rows after it, the tail, are indexed in
+//! memory, and merged into `history_index` in key order once there are enough of them (see
+//! [`DEFAULT_HISTORY_MERGE_ROWS`]):
+//! a merge writes each active conversation's page once for all its tail entries. The tail is
+//! derived state: whenever its agreement with the database is in doubt (a batch that failed,
+//! a purge) it is read back from the rows after the watermark, which is also how a restart,
+//! after `kill -9` or not, finds it.
+
+use std::collections::BTreeMap;
+
+use rusqlite::{Connection, OptionalExtension, params};
+
+use crate::{HistoryEntry, Result};
+
+/// How many rows the in-memory tail holds, by default, before it is merged into
+/// `history_index`. A larger tail makes each active conversation's index page be written for
+/// more entries at once, and costs memory (8 bytes a row plus a key per conversation), a
+/// longer merge (one transaction, run between batches, that holds up the batch after it) and a
+/// longer read of the tail at start-up.
+pub const DEFAULT_HISTORY_MERGE_ROWS: usize = 32_768;
+
+/// The `store_meta` key of the last history id whose entry is in `history_index`.
+const WATERMARK_KEY: &str = "history_indexed_through";
+
+/// Creates the history tables, and moves a database from before the lazy index over to it.
+pub(super) fn migrate(conn: &Connection) -> Result<()> {
+    if watermark(conn)?.is_none() {
+        let earlier: bool = conn.query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'history')",
+            [],
+            |row| row.get(0),
+        )?;
+        if earlier {
+            // Its ids could be handed out again after a purge, which the watermark cannot
+            // allow: the rows move to a table that never reuses an id.
+            conn.execute_batch("ALTER TABLE history RENAME TO history_before_index")?;
+        }
+        create(conn)?;
+        if earlier {
+            conn.execute_batch(
+                "INSERT INTO history (id, app, conversation, at_ms, message)
+                 SELECT id, app, conversation, at_ms, message FROM history_before_index;
+                 DROP TABLE history_before_index;
+                 INSERT INTO history_index (app, conversation, id)
+                 SELECT app, conversation, id FROM history;",
+            )?;
+        }
+        let through: i64 =
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM history", [], |row| {
+                row.get(0)
+            })?;
+        set_watermark(conn, through)?;
+    }
+    create(conn)
+}
+
+/// The history tables. `AUTOINCREMENT`, because an id must never be handed out twice: a row
+/// at or below the watermark is assumed to be in `history_index` already.
+fn create(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS history (
+            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            app TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            at_ms INTEGER NOT NULL,
+            message TEXT NOT NULL
+        );
+        CREATE INDEX IF NOT EXISTS history_at ON history(at_ms);
+        CREATE TABLE IF NOT EXISTS history_index (
+            app TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            id INTEGER NOT NULL,
+            PRIMARY KEY (app, conversation, id)
+        ) WITHOUT ROWID;",
+    )?;
+    Ok(())
+}
+
+fn watermark(conn: &Connection) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM store_meta WHERE key = ?1")?
+        .query_row([WATERMARK_KEY], |row| row.get(0))
+        .optional()?)
+}
+
+fn set_watermark(conn: &Connection, through: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO store_meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![WATERMARK_KEY, through])?;
+    Ok(())
+}
+
+/// The history ids of each conversation after the watermark, oldest first, by app, then by
+/// conversation: the order a merge inserts them in.
+type Tail = BTreeMap<String, BTreeMap<String, Vec<i64>>>;
+
+/// The in-memory part of the conversation index: the tail's entries, and those of the job
+/// running now, which count only once its savepoint is released.
+#[derive(Debug)]
+pub(super) struct HistoryIndex {
+    tail: Tail,
+    rows: usize,
+    /// The number of tail rows at which the tail is merged.
+    merge_rows: usize,
+    /// Entries of the running job: kept by [`HistoryIndex::keep`] when its statements stand,
+    /// dropped by [`HistoryIndex::discard`] when they are rolled back, so that an id the
+    /// database may hand out again never points at another conversation's row.
+    staged: Vec<(String, String, i64)>,
+}
+
+impl HistoryIndex {
+    /// Reads the tail back from the rows after the watermark.
+    pub(super) fn load(conn: &Connection, merge_rows: usize) -> Result<Self> {
+        let mut index = Self {
+            tail: Tail::new(),
+            rows: 0,
+            merge_rows,
+            staged: Vec::new(),
+        };
+        index.reload(conn)?;
+        Ok(index)
+    }
+
+    /// Replaces the tail with what the database holds after the watermark.
+    pub(super) fn reload(&mut self, conn: &Connection) -> Result<()> {
+        self.tail.clear();
+        self.rows = 0;
+        self.staged.clear();
+        let through = watermark(conn)?.unwrap_or(0);
+        let mut rows = conn.prepare_cached(
+            "SELECT app, conversation, id FROM history WHERE id > ?1 ORDER BY id",
+        )?;
+        let mut rows = rows.query([through])?;
+        while let Some(row) = rows.next()? {
+            self.insert(row.get(0)?, row.get(1)?, row.get(2)?);
+        }
+        Ok(())
+    }
+
+    fn insert(&mut self, app: String, conversation: String, id: i64) {
+        self.tail
+            .entry(app)
+            .or_default()
+            .entry(conversation)
+            .or_default()
+            .push(id);
+        self.rows += 1;
+    }
+
+    /// Appends entries to the history of the app's conversations; they count in the index
+    /// once [`HistoryIndex::keep`] is called.
+    pub(super) fn append(
+        &mut self,
+        conn: &Connection,
+        app: &str,
+        entries: &[HistoryEntry],
+    ) -> Result<()> {
+        let mut append = conn.prepare_cached(
+            "INSERT INTO history (app, conversation, at_ms, message) VALUES (?1, ?2, ?3, ?4)",
+        )?;
+        for entry in entries {
+            append.execute(params![app, entry.conversation, entry.at_ms, entry.message])?;
+            self.staged.push((
+                app.to_owned(),
+                entry.conversation.clone(),
+                conn.last_insert_rowid(),
+            ));
+        }
+        Ok(())
+    }
+
+    /// The running job's statements stand: its entries join the tail.
+    pub(super) fn keep(&mut self) {
+        for (app, conversation, id) in std::mem::take(&mut self.staged) {
+            self.insert(app, conversation, id);
+        }
+    }
+
+    /// The running job's statements were rolled back: so are its entries.
+    pub(super) fn discard(&mut self) {
+        self.staged.clear();
+    }
+
+    /// The last `limit` messages of a conversation, as JSON text, oldest first.
+    pub(super) fn read(
+        &self,
+        conn: &Connection,
+        app: &str,
+        conversation: &str,
+        limit: usize,
+    ) -> Result<Vec<String>> {
+        let recent = self
+            .tail
+            .get(app)
+            .and_then(|conversations| conversations.get(conversation))
+            .map_or(&[][..], Vec::as_slice);
+        let mut ids = Vec::with_capacity(limit.min(recent.len() + 16));
+        let older = limit.saturating_sub(recent.len());
+        if older > 0 {
+            let mut indexed = conn.prepare_cached(
+                "SELECT id FROM history_index WHERE app = ?1 AND conversation = ?2
+                 ORDER BY id DESC LIMIT ?3",
+            )?;
+            let newest_first = indexed
+                .query_map(params![app, conversation, older as i64], |row| row.get(0))?
+                .collect::<rusqlite::Result<Vec<i64>>>()?;
+            ids.extend(newest_first.into_iter().rev());
+        }
+        ids.extend_from_slice(&recent[recent.len().saturating_sub(limit)..]);
+        // The row's own app and conversation are checked too: an index entry is only ever a
+        // pointer, and a pointer must not be able to show one conversation another's messages.
+        let mut message = conn.prepare_cached(
+            "SELECT message FROM history WHERE id = ?1 AND app = ?2 AND conversation = ?3",
+        )?;
+        let mut messages = Vec::with_capacity(ids.len());
+        for id in ids {
+            if let Some(text) = message
+                .query_row(params![id, app, conversation], |row| row.get(0))
+                .optional()?
+            {
+                messages.push(text);
+            }
+        }
+        Ok(messages)
+    }
+
+    /// Removes history entries from before `before_ms`, with their index entries; returns
+    /// how many. The tail is read back afterwards.
+    pub(super) fn purge(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
+        let removed = conn
+            .prepare_cached("DELETE FROM history WHERE at_ms < ?1 RETURNING app, conversation, id")?
+            .query_map([before_ms], |row| {
+                Ok((
+                    row.get::<_, String>(0)?,
+                    row.get::<_, String>(1)?,
+                    row.get::<_, i64>(2)?,
+                ))
+            })?
+            .collect::<rusqlite::Result<Vec<_>>>()?;
+        let mut unindex = conn.prepare_cached(
+            "DELETE FROM history_index WHERE app = ?1 AND conversation = ?2 AND id = ?3",
+        )?;
+        for (app, conversation, id) in &removed {
+            unindex.execute(params![app, conversation, id])?;
+        }
+        self.reload(conn)?;
+        Ok(removed.len() as u64)
+    }
+
+    /// How many rows the tail holds.
+    pub(super) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether the tail is due to be merged into `history_index`.
+    pub(super) fn merge_due(&self) -> bool {
+        self.rows >= self.merge_rows
+    }
+
+    /// Writes the tail's entries into `history_index` in key order and moves the watermark past
+    /// them, in the caller's transaction. The tail is emptied only by
+    /// [`HistoryIndex::merged`], once that transaction has committed.
+    pub(super) fn merge(&self, conn: &Connection) -> Result<()> {
+        let mut insert = conn.prepare_cached(
+            "INSERT OR IGNORE INTO history_index (app, conversation, id) VALUES (?1, ?2, ?3)",
+        )?;
+        let mut through = None;
+        for (app, conversations) in &self.tail {
+            for (conversation, ids) in conversations {
+                for &id in ids {
+                    insert.execute(params![app, conversation, id])?;
+                    through = through.max(Some(id));
+                }
+            }
+        }
+        if let Some(through) = through {
+            set_watermark(conn, through)?;
+        }
+        Ok(())
+    }
+
+    /// The merge committed: the tail is in `history_index` now.
+    pub(super) fn merged(&mut self) {
+        self.tail.clear();
+        self.rows = 0;
+    }
+}

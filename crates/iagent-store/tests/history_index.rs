@@ -1,0 +1,202 @@
+//! The conversation index kept lazily (see the store's `sqlite::history` module): with a merge
+//! every few rows, reads must join the merged index and the in-memory tail exactly, and the
+//! tail must come back from the database after a reopen, a purge or a migration.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::path::Path;
+
+use iagent_store::{HistoryEntry, Options, PurgeBefore, SqliteStore, Store};
+
+const NOW: i64 = 1_700_000_000_000;
+
+fn open(dir: &Path, history_merge_rows: usize) -> SqliteStore {
+    let options = Options {
+        history_merge_rows,
+        ..Options::default()
+    };
+    SqliteStore::open(dir, options).expect("open the store")
+}
+
+fn entry(conversation: &str, at_ms: i64, message: String) -> HistoryEntry {
+    HistoryEntry {
+        conversation: conversation.into(),
+        at_ms,
+        message,
+    }
+}
+
+/// Appends `count` messages named `{app}/{conversation}/{n}` to each of `conversations`,
+/// interleaved, one store job per message; returns what each conversation then holds.
+async fn fill(
+    store: &SqliteStore,
+    app: &str,
+    conversations: &[&str],
+    count: usize,
+) -> Vec<Vec<String>> {
+    let mut expected = vec![Vec::new(); conversations.len()];
+    for n in 0..count {
+        for (held, conversation) in expected.iter_mut().zip(conversations) {
+            let message = format!("{app}/{conversation}/{n}");
+            store
+                .append_history(app, vec![entry(conversation, NOW, message.clone())])
+                .await
+                .unwrap();
+            held.push(message);
+        }
+    }
+    expected
+}
+
+fn last(messages: &[String], limit: usize) -> Vec<String> {
+    messages[messages.len().saturating_sub(limit)..].to_vec()
+}
+
+#[tokio::test]
+async fn reads_join_merged_and_unmerged_entries_oldest_first_per_conversation() {
+    let dir = tempfile::tempdir().unwrap();
+    // Merged every 3 rows, so reads cross the merged part and the tail at every length.
+    let store = open(dir.path(), 3);
+    let shop = fill(&store, "shop", &["a", "b"], 10).await;
+    // The same conversation key in another app is another conversation.
+    let blog = fill(&store, "blog", &["a"], 4).await;
+    for limit in [0, 1, 2, 3, 4, 7, 10, 50] {
+        let a = store.history("shop", "a", limit).await.unwrap();
+        assert_eq!(a, last(&shop[0], limit as usize), "shop/a, limit {limit}");
+        let b = store.history("shop", "b", limit).await.unwrap();
+        assert_eq!(b, last(&shop[1], limit as usize), "shop/b, limit {limit}");
+        let other = store.history("blog", "a", limit).await.unwrap();
+        assert_eq!(
+            other,
+            last(&blog[0], limit as usize),
+            "blog/a, limit {limit}"
+        );
+    }
+    assert!(store.history("shop", "c", 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn the_unmerged_tail_survives_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 4);
+    // 6 rows: one merge of 4, and 2 in the tail when the process goes.
+    let mut expected = fill(&store, "shop", &["a", "b"], 3).await;
+    drop(store);
+
+    let store = open(dir.path(), 4);
+    assert_eq!(store.history("shop", "a", 10).await.unwrap(), expected[0]);
+    assert_eq!(store.history("shop", "b", 10).await.unwrap(), expected[1]);
+    let more = fill(&store, "shop", &["a"], 5).await;
+    expected[0].extend(more.into_iter().flatten());
+    assert_eq!(store.history("shop", "a", 100).await.unwrap(), expected[0]);
+    drop(store);
+
+    // A larger merge size reads the same database just as well.
+    let store = open(dir.path(), 1000);
+    assert_eq!(store.history("shop", "a", 100).await.unwrap(), expected[0]);
+}
+
+#[tokio::test]
+async fn purged_entries_leave_both_the_merged_index_and_the_tail() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 3);
+    let mut messages = Vec::new();
+    for n in 0..8 {
+        // Every other message is old enough to be purged.
+        let at_ms = if n % 2 == 0 { NOW - 10_000 } else { NOW };
+        let message = format!("m{n}");
+        store
+            .append_history("shop", vec![entry("a", at_ms, message.clone())])
+            .await
+            .unwrap();
+        messages.push(message);
+    }
+    let purged = store
+        .purge(PurgeBefore {
+            dedup: 0,
+            history: NOW - 1,
+            outbox: 0,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(purged.history, 4);
+    let kept = ["m1", "m3", "m5", "m7"];
+    assert_eq!(store.history("shop", "a", 10).await.unwrap(), kept);
+    drop(store);
+    let store = open(dir.path(), 3);
+    assert_eq!(store.history("shop", "a", 10).await.unwrap(), kept);
+}
+
+#[tokio::test]
+async fn ids_of_purged_rows_are_never_handed_out_again() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 2);
+    store
+        .append_history("shop", vec![entry("a", NOW, "kept".into())])
+        .await
+        .unwrap();
+    // The newest row, merged into the index, then purged: a table that reused its id would
+    // give it to the next row, below the merge watermark, where a restart never looks for it.
+    store
+        .append_history("shop", vec![entry("b", NOW - 10_000, "purged".into())])
+        .await
+        .unwrap();
+    store
+        .purge(PurgeBefore {
+            dedup: 0,
+            history: NOW - 1,
+            outbox: 0,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    store
+        .append_history("shop", vec![entry("a", NOW, "after".into())])
+        .await
+        .unwrap();
+    drop(store);
+    let store = open(dir.path(), 2);
+    assert_eq!(
+        store.history("shop", "a", 10).await.unwrap(),
+        ["kept", "after"]
+    );
+    assert!(store.history("shop", "b", 10).await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn a_database_with_the_earlier_conversation_index_is_moved_over() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("iagent.sqlite3")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE history (
+                id INTEGER PRIMARY KEY,
+                app TEXT NOT NULL,
+                conversation TEXT NOT NULL,
+                at_ms INTEGER NOT NULL,
+                message TEXT NOT NULL
+            );
+            CREATE INDEX history_conversation ON history(app, conversation, id);
+            CREATE INDEX history_at ON history(at_ms);
+            INSERT INTO history (app, conversation, at_ms, message) VALUES
+                ('shop', 'a', 1, 'old-1'), ('shop', 'b', 2, 'other'), ('shop', 'a', 3, 'old-2');",
+        )
+        .unwrap();
+    }
+    let store = open(dir.path(), 2);
+    assert_eq!(
+        store.history("shop", "a", 10).await.unwrap(),
+        ["old-1", "old-2"]
+    );
+    store
+        .append_history("shop", vec![entry("a", NOW, "new".into())])
+        .await
+        .unwrap();
+    drop(store);
+    let store = open(dir.path(), 2);
+    assert_eq!(
+        store.history("shop", "a", 10).await.unwrap(),
+        ["old-1", "old-2", "new"]
+    );
+    assert_eq!(store.history("shop", "b", 10).await.unwrap(), ["other"]);
+}
