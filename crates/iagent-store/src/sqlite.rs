@@ -6,16 +6,17 @@
 //! a batch). The database runs in WAL mode; see [`Durability`] for what a commit survives.
 
 mod history;
+mod writer;
 
-use std::ops::Deref;
 use std::path::{Path, PathBuf};
 use std::thread;
 
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 
 pub use history::DEFAULT_HISTORY_MERGE_ROWS;
 
+use self::writer::{Database, Job, write_loop};
 use crate::token::{self, Token};
 use crate::{
     AgentRecord, App, BoxFuture, Claim, Completion, DeferredMessage, ECHO_AGENT_ID, FileMeta,
@@ -72,38 +73,10 @@ impl Default for Options {
     }
 }
 
-/// A unit of work for the writer: runs its statements on the database (or, given `None`
-/// because the batch's transaction could not begin, runs nothing), and returns what to do once
-/// the batch's outcome is known: hand the result, or the batch's error, to the caller.
-type Job = Box<dyn FnOnce(Option<&mut Database>) -> Settle + Send>;
-
-/// What the writer thread owns: the connection, and the state derived from the database that
-/// is kept in memory (see [`history`]).
-struct Database {
-    conn: Connection,
-    history: history::HistoryIndex,
-}
-
-impl Database {
-    fn append_history(&mut self, app: &str, entries: &[HistoryEntry]) -> Result<()> {
-        self.history.append(&self.conn, app, entries)
-    }
-}
-
-/// Jobs that only run statements use the database as the connection it is.
-impl Deref for Database {
-    type Target = Connection;
-
-    fn deref(&self) -> &Connection {
-        &self.conn
-    }
-}
-type Settle = Box<dyn FnOnce(Result<(), &rusqlite::Error>) + Send>;
-
 /// The SQLite store. Cheap to share behind an `Arc`; the writer thread stops when it is dropped.
 #[derive(Debug)]
 pub struct SqliteStore {
-    jobs: mpsc::Sender<Job>,
+    jobs: mpsc::Sender<Box<dyn Job>>,
     path: PathBuf,
     /// Where file bytes live, one file per id; only their metadata goes through the writer,
     /// so a large upload never holds up the message path.
@@ -145,120 +118,18 @@ impl SqliteStore {
     }
 
     /// Runs `work` on the writer thread inside the current batch's transaction, and resolves
-    /// with its result once that transaction has committed.
+    /// with its result once that transaction has committed. `work` may run twice (see
+    /// [`writer`]): its first run's statements are then rolled back.
     fn run<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
     where
         T: Send + 'static,
-        F: FnOnce(&mut Database) -> Result<T> + Send + 'static,
+        F: FnMut(&mut Database) -> Result<T> + Send + 'static,
     {
-        let (reply, answer) = oneshot::channel();
-        let job: Job = Box::new(move |database| {
-            let outcome = database.map(|database| in_savepoint(database, work));
-            Box::new(move |batch| {
-                let result = match (batch, outcome) {
-                    (Ok(()), Some(outcome)) => outcome,
-                    (Err(err), _) => Err(StoreError::Batch(err.to_string())),
-                    (Ok(()), None) => Err(StoreError::Batch("the job did not run".into())),
-                };
-                // The caller may have given up (its task was cancelled); the work is committed
-                // either way, and there is nobody left to tell.
-                reply.send(result).ok();
-            })
-        });
+        let (job, answer) = writer::job(work);
         Box::pin(async move {
             self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
             answer.await.map_err(|_| StoreError::Closed)?
         })
-    }
-}
-
-/// Runs `work` so that a failure undoes only its own statements, not the batch's.
-fn in_savepoint<T>(
-    database: &mut Database,
-    work: impl FnOnce(&mut Database) -> Result<T>,
-) -> Result<T> {
-    // Cached statements: `execute_batch` would parse the SQL again for every job.
-    database.prepare_cached("SAVEPOINT job")?.execute([])?;
-    let outcome = work(database);
-    if outcome.is_err() {
-        database.history.discard();
-        database.prepare_cached("ROLLBACK TO job")?.execute([])?;
-    }
-    // Whatever the release does, the job's rows now stand or fall with the batch, and a batch
-    // that fails reads the tail back.
-    database.history.keep();
-    database.prepare_cached("RELEASE job")?.execute([])?;
-    outcome
-}
-
-fn write_loop(mut database: Database, mut queue: mpsc::Receiver<Job>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
-        let jobs = batch.len();
-        let outcome = match database.execute_batch("BEGIN IMMEDIATE") {
-            Ok(()) => {
-                let settles: Vec<Settle> = batch
-                    .drain(..)
-                    .map(|job| job(Some(&mut database)))
-                    .collect();
-                (settles, database.execute_batch("COMMIT"))
-            }
-            Err(err) => (batch.drain(..).map(|job| job(None)).collect(), Err(err)),
-        };
-        let (settles, result) = outcome;
-        if let Err(err) = &result {
-            tracing::error!(error = %err, jobs, "store transaction failed");
-            rollback(&mut database);
-        }
-        let result = result.as_ref().map(|_| ());
-        for settle in settles {
-            settle(result);
-        }
-        // After the callers have their answers, so that a merge never delays them.
-        if database.history.merge_due() {
-            merge_history_index(&mut database);
-        }
-    }
-}
-
-/// Undoes the open transaction, if any: none of a failed batch may stand, and the history
-/// index's tail must again say what the database holds.
-fn rollback(database: &mut Database) {
-    // A failed COMMIT can leave the transaction open.
-    if !database.is_autocommit()
-        && let Err(err) = database.execute_batch("ROLLBACK")
-    {
-        tracing::error!(error = %err, "store rollback failed");
-    }
-    let Database { conn, history } = database;
-    if let Err(err) = history.reload(conn) {
-        tracing::error!(error = %err, "history index tail could not be read back");
-    }
-}
-
-/// Merges the history index's tail into the database in a transaction of its own, so that a
-/// failure costs no caller its write; the merge is then tried again after the next batch.
-fn merge_history_index(database: &mut Database) {
-    let merge = |database: &Database| -> Result<()> {
-        database.execute_batch("BEGIN IMMEDIATE")?;
-        database.history.merge(database)?;
-        database.execute_batch("COMMIT")?;
-        Ok(())
-    };
-    let started = std::time::Instant::now();
-    match merge(database) {
-        Ok(()) => {
-            tracing::debug!(
-                rows = database.history.rows(),
-                ms = started.elapsed().as_millis(),
-                "history index merged"
-            );
-            database.history.merged();
-        }
-        Err(err) => {
-            tracing::error!(error = %err, "history index merge failed; tried again later");
-            rollback(database);
-        }
     }
 }
 
@@ -412,7 +283,7 @@ impl Store for SqliteStore {
                 )?
                 .execute(params![name, now_ms, ECHO_AGENT_ID])?;
             if inserted == 0 {
-                return Err(StoreError::AppExists(name));
+                return Err(StoreError::AppExists(name.clone()));
             }
             conn.prepare_cached(
                 "INSERT INTO agents (app, id, kind, config) VALUES (?1, ?2, 'echo', '{}')",
@@ -420,7 +291,7 @@ impl Store for SqliteStore {
             .execute(params![name, ECHO_AGENT_ID])?;
             let token = issue_token(conn, &name, now_ms)?;
             let app = App {
-                name,
+                name: name.clone(),
                 created_ms: now_ms,
                 default_agent: ECHO_AGENT_ID.into(),
                 live_tokens: 1,
@@ -474,7 +345,7 @@ impl Store for SqliteStore {
             let mut statement = conn
                 .prepare_cached("SELECT id, kind, config FROM agents WHERE app = ?1 ORDER BY id")?;
             let agents = statement
-                .query_map([app], |row| {
+                .query_map([&app], |row| {
                     Ok(AgentRecord {
                         id: row.get(0)?,
                         kind: row.get(1)?,
@@ -510,8 +381,8 @@ impl Store for SqliteStore {
                 .query_row(params![app, agent_id], |row| row.get(0))?;
             if !exists {
                 return Err(StoreError::UnknownAgent {
-                    app,
-                    agent: agent_id,
+                    app: app.clone(),
+                    agent: agent_id.clone(),
                 });
             }
             conn.prepare_cached("UPDATE apps SET default_agent = ?2 WHERE name = ?1")?
@@ -530,8 +401,8 @@ impl Store for SqliteStore {
                 .query_row([&app], |row| row.get(0))?;
             if default == agent_id {
                 return Err(StoreError::DefaultAgent {
-                    app,
-                    agent: agent_id,
+                    app: app.clone(),
+                    agent: agent_id.clone(),
                 });
             }
             let removed = conn
@@ -539,8 +410,8 @@ impl Store for SqliteStore {
                 .execute(params![app, agent_id])?;
             if removed == 0 {
                 return Err(StoreError::UnknownAgent {
-                    app,
-                    agent: agent_id,
+                    app: app.clone(),
+                    agent: agent_id.clone(),
                 });
             }
             bump_agents_version(conn, &app)
@@ -725,7 +596,7 @@ impl Store for SqliteStore {
         self.run(move |conn| {
             let mut remove =
                 conn.prepare_cached("DELETE FROM outbox WHERE app = ?1 AND id = ?2")?;
-            for id in ids {
+            for id in &ids {
                 remove.execute(params![app, id])?;
             }
             Ok(())
@@ -867,11 +738,11 @@ impl Store for SqliteStore {
         self.run(move |conn| {
             let mut exists = conn
                 .prepare_cached("SELECT EXISTS (SELECT 1 FROM files WHERE app = ?1 AND id = ?2)")?;
-            for id in ids {
-                if !is_file_id(&id)
+            for id in &ids {
+                if !is_file_id(id)
                     || !exists.query_row(params![app, id], |row| row.get::<_, bool>(0))?
                 {
-                    return Ok(Some(id));
+                    return Ok(Some(id.clone()));
                 }
             }
             Ok(None)

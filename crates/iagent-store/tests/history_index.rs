@@ -200,3 +200,68 @@ async fn a_database_with_the_earlier_conversation_index_is_moved_over() {
     );
     assert_eq!(store.history("shop", "b", 10).await.unwrap(), ["other"]);
 }
+
+#[tokio::test]
+async fn a_batch_run_again_after_a_failing_job_keeps_each_entry_once() {
+    let dir = tempfile::tempdir().unwrap();
+    // Never merged: a merge would fold duplicated entries into one and hide them.
+    let store = std::sync::Arc::new(open(dir.path(), 1_000_000));
+    store.create_app("shop", NOW).await.unwrap();
+    // Appends to four conversations, with failing jobs queued between them: batches that hold
+    // a failing job are rolled back and run again, and the entries of their first run must
+    // leave no trace in the in-memory index.
+    let mut tasks = tokio::task::JoinSet::new();
+    // A long first job keeps the writer busy while the others queue up behind it, so that
+    // they share batches.
+    let bulk = store.clone();
+    tasks.spawn(async move {
+        let entries = (0..20_000)
+            .map(|n| entry("bulk", NOW, format!("bulk/{n}")))
+            .collect();
+        bulk.append_history("shop", entries).await.map(|()| false)
+    });
+    for n in 0..200 {
+        let appender = store.clone();
+        tasks.spawn(async move {
+            let conversation = format!("c{}", n % 4);
+            let message = format!("{conversation}/{n}");
+            appender
+                .append_history("shop", vec![entry(&conversation, NOW, message)])
+                .await
+                .map(|()| true)
+        });
+        let failer = store.clone();
+        tasks.spawn(async move {
+            let failed = failer.rotate_token("ghost", NOW).await;
+            assert!(failed.is_err(), "no app named ghost");
+            Ok(false)
+        });
+    }
+    let mut appended = 0;
+    while let Some(joined) = tasks.join_next().await {
+        appended += usize::from(joined.unwrap().unwrap());
+    }
+    assert_eq!(appended, 200);
+    let check = |store: std::sync::Arc<SqliteStore>| async move {
+        for c in 0..4 {
+            let conversation = format!("c{c}");
+            let held = store.history("shop", &conversation, 1000).await.unwrap();
+            let mut distinct = held.clone();
+            distinct.sort();
+            distinct.dedup();
+            assert_eq!(held.len(), 50, "{conversation}: {held:?}");
+            assert_eq!(
+                distinct.len(),
+                50,
+                "{conversation}: each entry once: {held:?}"
+            );
+            assert!(
+                held.iter()
+                    .all(|m| m.starts_with(&format!("{conversation}/")))
+            );
+        }
+    };
+    check(store.clone()).await;
+    drop(store);
+    check(std::sync::Arc::new(open(dir.path(), 1_000_000))).await;
+}
