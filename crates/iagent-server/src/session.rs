@@ -359,8 +359,14 @@ impl Session {
                 ),
             };
             // Frames are written into the socket's buffer and flushed once the queue is empty, so
-            // a burst of responses costs one flush.
-            let flush = last || queue.is_empty();
+            // a burst of responses costs one flush. An empty queue is looked at again after the
+            // other ready tasks have run: a store commit answers hundreds of messages at once,
+            // and their responses reach this queue one task at a time.
+            let flush = last
+                || (queue.is_empty() && {
+                    tokio::task::yield_now().await;
+                    queue.is_empty()
+                });
             let outcome = timeout(write_timeout, async {
                 sink.feed(frame).await?;
                 if flush { sink.flush().await } else { Ok(()) }
