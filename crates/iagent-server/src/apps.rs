@@ -213,6 +213,9 @@ pub(crate) struct AppState {
     pub(crate) rate: Option<RateLimit>,
     /// Counters for `/metrics`.
     pub(crate) counters: crate::metrics::AppCounters,
+    /// The span every conversation worker of the app runs in. Made once: a span per worker
+    /// cost an allocation and a registry entry for nearly every message.
+    pub(crate) conversation_span: tracing::Span,
 }
 
 /// Locks a mutex, recovering the data if a panicking thread poisoned it: every critical section
@@ -258,6 +261,8 @@ impl AppState {
             outbox: OutboxState::default(),
             rate,
             counters: crate::metrics::AppCounters::default(),
+            // No parent: the app outlives whichever connection first made it.
+            conversation_span: tracing::info_span!(parent: None, "conversation", app = %app.name),
         }
     }
 

@@ -280,9 +280,10 @@ impl Session {
         };
         match app.begin(job, self.id, in_flight) {
             (Begin::Queued, Some(key)) => {
-                let span = tracing::info_span!("conversation", app = %app.name);
                 let worker = conversation::run(gateway.clone(), app.clone(), key);
-                gateway.work.spawn(worker.instrument(span));
+                gateway
+                    .work
+                    .spawn(worker.instrument(app.conversation_span.clone()));
             }
             (Begin::Queued, None) => {}
             (Begin::Duplicate, _) => {
