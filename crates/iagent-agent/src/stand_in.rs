@@ -2,10 +2,13 @@
 //! tests: a plain HTTP/1.1 server on `127.0.0.1:0` that records every request and answers as
 //! the test scripts it. Keep-alive works, so the client's pooled connections are exercised.
 //!
-//! Compiled into the agent crate's unit tests and, by path, into the gateway's integration tests.
+//! Compiled into the agent crate's unit tests and, by path, into the gateway's and the binary's
+//! integration tests.
 
 #![allow(dead_code, missing_docs, clippy::unwrap_used, clippy::expect_used)]
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -50,6 +53,9 @@ pub enum Answer {
     Hang,
     /// Closes the connection without answering, after reading the request.
     Close,
+    /// Answers with what the future gives, once it does: a slow service, or one the test holds
+    /// and releases. The connection reads no further request meanwhile.
+    Later(Pin<Box<dyn Future<Output = Answer> + Send>>),
 }
 
 impl Answer {
@@ -69,6 +75,14 @@ impl Answer {
             headers: Vec::new(),
             body: body.into(),
         }
+    }
+
+    /// `answer` once `ready` completes.
+    pub fn after(ready: impl Future<Output = ()> + Send + 'static, answer: Self) -> Self {
+        Self::Later(Box::pin(async move {
+            ready.await;
+            answer
+        }))
     }
 }
 
@@ -141,28 +155,31 @@ async fn serve(mut stream: TcpStream, requests: Arc<Mutex<Vec<Recorded>>>, scrip
             requests.push(request.clone());
             requests.len() - 1
         };
-        match script(&request, n) {
-            Answer::Hang => {
-                std::future::pending::<()>().await;
-            }
-            Answer::Close => return,
-            Answer::Respond {
-                status,
-                headers,
-                body,
-            } => {
-                let mut head = format!("HTTP/1.1 {status} Stand-in\r\n");
-                for (name, value) in headers {
-                    head.push_str(&format!("{name}: {value}\r\n"));
-                }
-                if status != 204 && status != 304 {
-                    head.push_str(&format!("Content-Length: {}\r\n", body.len()));
-                }
-                head.push_str("\r\n");
-                if stream.write_all(head.as_bytes()).await.is_err()
-                    || stream.write_all(body.as_bytes()).await.is_err()
-                {
-                    return;
+        let mut answer = script(&request, n);
+        loop {
+            match answer {
+                Answer::Later(later) => answer = later.await,
+                Answer::Hang => return std::future::pending().await,
+                Answer::Close => return,
+                Answer::Respond {
+                    status,
+                    headers,
+                    body,
+                } => {
+                    let mut head = format!("HTTP/1.1 {status} Stand-in\r\n");
+                    for (name, value) in headers {
+                        head.push_str(&format!("{name}: {value}\r\n"));
+                    }
+                    if status != 204 && status != 304 {
+                        head.push_str(&format!("Content-Length: {}\r\n", body.len()));
+                    }
+                    head.push_str("\r\n");
+                    if stream.write_all(head.as_bytes()).await.is_err()
+                        || stream.write_all(body.as_bytes()).await.is_err()
+                    {
+                        return;
+                    }
+                    break;
                 }
             }
         }
