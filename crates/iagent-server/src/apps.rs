@@ -115,9 +115,42 @@ pub(crate) struct OutboxState {
     /// Set while a drain waits for its turn: one waiting drain covers every entry stored
     /// before it starts, so further requests need not queue another.
     pub(crate) queued: AtomicBool,
-    /// Entries handed to a connection and not yet written: a drain skips them.
-    pub(crate) in_transit: Mutex<HashSet<i64>>,
+    /// Entries on their way out: a drain skips them.
+    transit: Mutex<Transit>,
     depth: AtomicI64,
+}
+
+/// Outbox entries between a drain's read of the store and their removal from it.
+#[derive(Debug, Default)]
+pub(crate) struct Transit {
+    /// Handed to a connection and not yet written and removed.
+    sending: HashSet<i64>,
+    /// Written and removed from the store since the drain last began a read of it: a read
+    /// under way while an entry was removed may still list it.
+    removed: HashSet<i64>,
+}
+
+impl Transit {
+    /// Takes an entry a drain read for sending; `false` when it is on its way or gone already.
+    pub(crate) fn claim(&mut self, id: i64) -> bool {
+        !self.removed.contains(&id) && self.sending.insert(id)
+    }
+
+    /// The entry could not be handed over or written: it stays for the next drain.
+    pub(crate) fn release(&mut self, id: i64) {
+        self.sending.remove(&id);
+    }
+
+    /// The entry was written and removed from the store.
+    pub(crate) fn removed(&mut self, id: i64) {
+        self.sending.remove(&id);
+        self.removed.insert(id);
+    }
+
+    /// A drain begins a read of the store, which cannot list what was removed before now.
+    pub(crate) fn reading(&mut self) {
+        self.removed.clear();
+    }
 }
 
 impl OutboxState {
@@ -130,8 +163,8 @@ impl OutboxState {
         self.depth.fetch_add(delta, Ordering::Relaxed);
     }
 
-    pub(crate) fn in_transit(&self) -> MutexGuard<'_, HashSet<i64>> {
-        lock(&self.in_transit)
+    pub(crate) fn transit(&self) -> MutexGuard<'_, Transit> {
+        lock(&self.transit)
     }
 }
 
@@ -505,5 +538,29 @@ impl Apps {
         let mut all: Vec<_> = apps.values().cloned().collect();
         all.sort_by(|a, b| a.name.cmp(&b.name));
         all
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Transit;
+
+    #[test]
+    fn an_entry_removed_during_a_read_is_not_sent_again_by_that_read() {
+        let mut transit = Transit::default();
+        transit.reading();
+        // The read lists entry 1, which a connection is writing: skipped.
+        assert!(transit.claim(1));
+        assert!(!transit.claim(1), "on its way already");
+        // Entry 2 was written and removed while a second read was under way, which lists it.
+        transit.reading();
+        transit.removed(2);
+        assert!(!transit.claim(2), "removed during the read that listed it");
+        // An entry whose hand-over failed stays for the next drain.
+        transit.release(1);
+        assert!(transit.claim(1));
+        // A new read cannot list what was removed before it began.
+        transit.reading();
+        assert!(transit.removed.is_empty(), "nothing grows across reads");
     }
 }

@@ -98,6 +98,7 @@ async fn drain(gateway: Arc<Gateway>, app: Arc<AppState>) {
             return;
         }
         let batch = gateway.config.limits.outbox_batch;
+        app.outbox.transit().reading();
         let entries = match gateway.store.outbox_peek(&app.name, after, batch).await {
             Ok(entries) if entries.is_empty() => return,
             Ok(entries) => entries,
@@ -105,7 +106,7 @@ async fn drain(gateway: Arc<Gateway>, app: Arc<AppState>) {
         };
         for entry in entries {
             after = entry.id;
-            if !app.outbox.in_transit().insert(entry.id) {
+            if !app.outbox.transit().claim(entry.id) {
                 continue;
             }
             let mut unsent = Some(Outbound::Outboxed {
@@ -120,7 +121,7 @@ async fn drain(gateway: Arc<Gateway>, app: Arc<AppState>) {
             }
             if unsent.is_some() {
                 // Every connection closed meanwhile: the entry stays for the next one.
-                app.outbox.in_transit().remove(&entry.id);
+                app.outbox.transit().release(entry.id);
                 return;
             }
         }

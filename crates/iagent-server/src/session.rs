@@ -399,28 +399,33 @@ impl Session {
         unwritten
     }
 
-    /// Removes written outbox entries from the store. Only then do they leave the in-transit
-    /// set, so that a drain never sends one twice.
+    /// Removes written outbox entries from the store, and only then records them as removed:
+    /// a drain skips them until its next read of the store, which can no longer list them, so
+    /// that no drain sends one twice (a read under way during the removal still lists them).
     async fn acknowledge(&self, written: &mut Vec<i64>) {
         if written.is_empty() {
             return;
         }
         let ids = std::mem::take(written);
-        match self
+        let removed = self
             .gateway
             .store
             .outbox_remove(&self.app.name, ids.clone())
-            .await
-        {
-            Ok(()) => self
-                .app
-                .outbox
-                .add_depth(-i64::try_from(ids.len()).unwrap_or(i64::MAX)),
-            Err(err) => self.gateway.store_failed("outbox_remove", &err),
-        }
-        let mut in_transit = self.app.outbox.in_transit();
-        for id in ids {
-            in_transit.remove(&id);
+            .await;
+        let mut transit = self.app.outbox.transit();
+        match removed {
+            Ok(()) => {
+                self.app
+                    .outbox
+                    .add_depth(-i64::try_from(ids.len()).unwrap_or(i64::MAX));
+                ids.into_iter().for_each(|id| transit.removed(id));
+            }
+            Err(err) => {
+                // Still stored: a later drain sends them again, the one duplicate a store
+                // failure can cause.
+                self.gateway.store_failed("outbox_remove", &err);
+                ids.into_iter().for_each(|id| transit.release(id));
+            }
         }
     }
 
@@ -435,7 +440,7 @@ impl Session {
                     delivery::deliver(&self.gateway, &self.app, frame, None).await;
                 }
                 Outbound::Outboxed { id, .. } => {
-                    self.app.outbox.in_transit().remove(&id);
+                    self.app.outbox.transit().release(id);
                     outbox_left = true;
                 }
                 Outbound::Ping | Outbound::Close(..) => {}

@@ -413,6 +413,10 @@ impl Run {
             self.outbox_50,
             "the outbox held only the recovery's 50s"
         );
+        assert_eq!(
+            self.outbox_frames, self.outbox_50,
+            "no outbox entry was delivered twice"
+        );
         assert!(
             self.status.success(),
             "SIGTERM after the restart: {}",
