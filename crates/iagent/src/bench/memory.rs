@@ -2,9 +2,10 @@
 //! (`VmRSS`): read at rest, after opening K idle connections, and after K distinct
 //! conversations have each exchanged one message.
 //!
-//! Before the first reading, one conversation exchanges a few messages, so that what is paid
-//! once (the store's first pages, the agent's start, buffers that stay) is not charged to the
-//! connections or conversations measured. Each reading follows a pause that lets the server
+//! Before the first reading, one conversation exchanges [`WARMUP_MESSAGES`] messages, so that
+//! what is paid once is not charged to the connections or conversations measured: the agent's
+//! start, buffers that stay, and the bounded caches that fill as the database grows (SQLite's
+//! page cache, 2 MiB, fills with the pages of about 2 000 stored messages). Each reading follows a pause that lets the server
 //! finish what the step set off (conversation workers exit when their work is done).
 
 use std::sync::Arc;
@@ -20,8 +21,10 @@ use super::{BenchArgs, Counters, Target, procfs};
 /// How long the server is left alone before each reading.
 const SETTLE: Duration = Duration::from_secs(1);
 
-/// Messages of the warm-up conversation.
-const WARMUP_MESSAGES: u64 = 16;
+/// Messages of the warm-up conversation: enough to fill the store's page cache, which would
+/// otherwise grow during the measurement and be charged to the conversations, though it is a
+/// fixed cost that does not grow with them.
+const WARMUP_MESSAGES: u64 = 4096;
 
 /// Measures with `count` idle connections and `count` conversations on the server `pid`.
 pub(super) async fn measure(
