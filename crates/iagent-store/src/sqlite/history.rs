@@ -105,18 +105,17 @@ fn set_watermark(conn: &Connection, through: i64) -> Result<()> {
 /// conversation: the order a merge inserts them in.
 type Tail = BTreeMap<String, BTreeMap<String, Vec<i64>>>;
 
-/// The in-memory part of the conversation index: the tail's entries, and those of the job
-/// running now, which count only once its savepoint is released.
+/// The in-memory part of the conversation index: the tail's entries.
+///
+/// Entries join the tail as their rows are inserted. Statements rolled back take their rows
+/// with them, so the writer then reads the tail back ([`HistoryIndex::reload`]): an id that
+/// the database may hand out again must never point at another conversation's row.
 #[derive(Debug)]
 pub(super) struct HistoryIndex {
     tail: Tail,
     rows: usize,
     /// The number of tail rows at which the tail is merged.
     merge_rows: usize,
-    /// Entries of the running job: kept by [`HistoryIndex::keep`] when its statements stand,
-    /// dropped by [`HistoryIndex::discard`] when they are rolled back, so that an id the
-    /// database may hand out again never points at another conversation's row.
-    staged: Vec<(String, String, i64)>,
 }
 
 impl HistoryIndex {
@@ -126,7 +125,6 @@ impl HistoryIndex {
             tail: Tail::new(),
             rows: 0,
             merge_rows,
-            staged: Vec::new(),
         };
         index.reload(conn)?;
         Ok(index)
@@ -136,30 +134,34 @@ impl HistoryIndex {
     pub(super) fn reload(&mut self, conn: &Connection) -> Result<()> {
         self.tail.clear();
         self.rows = 0;
-        self.staged.clear();
         let through = watermark(conn)?.unwrap_or(0);
         let mut rows = conn.prepare_cached(
             "SELECT app, conversation, id FROM history WHERE id > ?1 ORDER BY id",
         )?;
         let mut rows = rows.query([through])?;
         while let Some(row) = rows.next()? {
-            self.insert(row.get(0)?, row.get(1)?, row.get(2)?);
+            let (app, conversation): (String, String) = (row.get(0)?, row.get(1)?);
+            self.push(&app, &conversation, row.get(2)?);
         }
         Ok(())
     }
 
-    fn insert(&mut self, app: String, conversation: String, id: i64) {
-        self.tail
-            .entry(app)
-            .or_default()
-            .entry(conversation)
-            .or_default()
-            .push(id);
+    /// Adds an entry to the tail; allocates only for a conversation new to it.
+    fn push(&mut self, app: &str, conversation: &str, id: i64) {
+        let new = || BTreeMap::from([(conversation.to_owned(), vec![id])]);
+        match self.tail.get_mut(app) {
+            None => {
+                self.tail.insert(app.to_owned(), new());
+            }
+            Some(conversations) => match conversations.get_mut(conversation) {
+                Some(ids) => ids.push(id),
+                None => conversations.extend(new()),
+            },
+        }
         self.rows += 1;
     }
 
-    /// Appends entries to the history of the app's conversations; they count in the index
-    /// once [`HistoryIndex::keep`] is called.
+    /// Appends entries to the history of the app's conversations.
     pub(super) fn append(
         &mut self,
         conn: &Connection,
@@ -171,25 +173,9 @@ impl HistoryIndex {
         )?;
         for entry in entries {
             append.execute(params![app, entry.conversation, entry.at_ms, entry.message])?;
-            self.staged.push((
-                app.to_owned(),
-                entry.conversation.clone(),
-                conn.last_insert_rowid(),
-            ));
+            self.push(app, &entry.conversation, conn.last_insert_rowid());
         }
         Ok(())
-    }
-
-    /// The running job's statements stand: its entries join the tail.
-    pub(super) fn keep(&mut self) {
-        for (app, conversation, id) in std::mem::take(&mut self.staged) {
-            self.insert(app, conversation, id);
-        }
-    }
-
-    /// The running job's statements were rolled back: so are its entries.
-    pub(super) fn discard(&mut self) {
-        self.staged.clear();
     }
 
     /// The last `limit` messages of a conversation, as JSON text, oldest first.

@@ -83,17 +83,11 @@ where
     F: FnMut(&mut Database) -> Result<T> + Send,
 {
     fn attempt(&mut self, database: &mut Database, isolated: bool) -> bool {
+        // Bare, a failure rolls the whole batch back, and the history index's tail is read back.
         let outcome = if isolated {
             in_savepoint(database, &mut self.work)
         } else {
-            let outcome = (self.work)(database);
-            // A failure rolls the whole batch back; its staged entries go with it.
-            if outcome.is_ok() {
-                database.history.keep();
-            } else {
-                database.history.discard();
-            }
-            outcome
+            (self.work)(database)
         };
         let succeeded = outcome.is_ok();
         self.outcome = Some(outcome);
@@ -119,14 +113,15 @@ fn in_savepoint<T>(
 ) -> Result<T> {
     // Cached statements: `execute_batch` would parse the SQL again for every job.
     database.prepare_cached("SAVEPOINT job")?.execute([])?;
+    let rows = database.history.rows();
     let outcome = work(database);
     if outcome.is_err() {
-        database.history.discard();
         database.prepare_cached("ROLLBACK TO job")?.execute([])?;
+        // The job's history rows are gone, and so must their entries be.
+        if database.history.rows() != rows {
+            database.reload_history()?;
+        }
     }
-    // Whatever the release does, the job's rows now stand or fall with the batch, and a batch
-    // that fails reads the tail back.
-    database.history.keep();
     database.prepare_cached("RELEASE job")?.execute([])?;
     outcome
 }
