@@ -147,13 +147,21 @@ fn memory_is_reported_per_idle_connection_and_per_conversation() {
     assert_eq!(memory["idle_connections"], 20, "{results}");
     assert_eq!(memory["conversations"], 20);
     let rss = &memory["rss_kib"];
-    for step in ["baseline", "idle_connections_open", "conversations_done"] {
+    for step in [
+        "baseline",
+        "idle_connections_open",
+        "conversations_warm",
+        "conversations_done",
+    ] {
         assert!(rss[step].as_u64().unwrap() > 0, "{step}");
     }
     let per_connection =
         (rss["idle_connections_open"].as_f64().unwrap() - rss["baseline"].as_f64().unwrap()) / 20.0;
     assert_eq!(memory["kib_per_idle_connection"], per_connection);
-    assert!(memory["kib_per_conversation"].as_f64().is_some());
+    let per_conversation = (rss["conversations_done"].as_f64().unwrap()
+        - rss["conversations_warm"].as_f64().unwrap())
+        / 20.0;
+    assert_eq!(memory["kib_per_conversation"], per_conversation);
     assert_eq!(memory["errors"]["not_ok"], 0);
     assert_eq!(memory["errors"]["unanswered"], 0);
     assert!(

@@ -16,6 +16,8 @@ pub(super) struct Frames {
     run: String,
     text: String,
     users: usize,
+    /// The number of the first user: users are `u{first_user}` onwards.
+    first_user: usize,
     group_share: f64,
     connections: usize,
 }
@@ -31,8 +33,18 @@ impl Frames {
             run: format!("b{:x}", now.as_nanos()),
             text: "x".repeat(size.max(1)),
             users: users.max(1),
+            first_user: 0,
             group_share: group_share.clamp(0.0, 1.0),
             connections: connections.max(1),
+        }
+    }
+
+    /// The same messages from other users: `u{first}` onwards, whose conversations are not
+    /// those of the users from `u0`.
+    pub(super) fn with_users_from(self, first: usize) -> Self {
+        Self {
+            first_user: first,
+            ..self
         }
     }
 
@@ -43,7 +55,7 @@ impl Frames {
 
     /// The sender of message `index`.
     pub(super) fn user(&self, index: u64) -> usize {
-        (index % self.users as u64) as usize
+        self.first_user + (index % self.users as u64) as usize
     }
 
     /// Whether message `index` is a group message: exactly `floor(n * share)` of the first `n`

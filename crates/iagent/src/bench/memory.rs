@@ -1,12 +1,17 @@
 //! Memory per idle connection and per conversation, from the server's resident memory
-//! (`VmRSS`): read at rest, after opening K idle connections, and after K distinct
-//! conversations have each exchanged one message.
+//! (`VmRSS`): read at rest, after opening K idle connections, after K other conversations
+//! have each exchanged one message, and after K distinct conversations have each exchanged one
+//! message; the last step is the one measured.
 //!
-//! Before the first reading, one conversation exchanges [`WARMUP_MESSAGES`] messages, so that
-//! what is paid once is not charged to the connections or conversations measured: the agent's
-//! start, buffers that stay, and the bounded caches that fill as the database grows (SQLite's
-//! page cache, 2 MiB, fills with the pages of about 2 000 stored messages). Each reading follows a pause that lets the server
-//! finish what the step set off (conversation workers exit when their work is done).
+//! What is paid once must not be charged to the connections or conversations measured: the
+//! agent's start, buffers that stay, the memory of the most conversations in processing at once
+//! (which the allocator keeps), and the bounded caches that fill as the database grows
+//! (SQLite's page cache, 2 MiB, fills with the pages of about 2 000 stored messages). So
+//! before the first reading, K other conversations exchange at least [`WARMUP_MESSAGES`]
+//! messages in the same way. The first round of conversations after the idle connections
+//! opened still cost about 2 MiB more than the next, once, whatever K (1 000 or 4 000), so
+//! that round is made with other conversations too. Each reading follows a pause that lets the
+//! server finish what the step set off (conversation workers exit when their work is done).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -21,10 +26,10 @@ use super::{BenchArgs, Counters, Target, procfs};
 /// How long the server is left alone before each reading.
 const SETTLE: Duration = Duration::from_secs(1);
 
-/// Messages of the warm-up conversation: enough to fill the store's page cache, which would
+/// The fewest messages of the warm-up: enough to fill the store's page cache, which would
 /// otherwise grow during the measurement and be charged to the conversations, though it is a
 /// fixed cost that does not grow with them.
-const WARMUP_MESSAGES: u64 = 4096;
+const WARMUP_MESSAGES: usize = 4096;
 
 /// Measures with `count` idle connections and `count` conversations on the server `pid`.
 pub(super) async fn measure(
@@ -43,13 +48,14 @@ pub(super) async fn measure(
         drivers.push(open(target, args).await?);
     }
 
-    // The warm-up: one group conversation on one connection, so that none of the private
-    // conversations measured below is it.
-    let warmup = Arc::new(Frames::new(args.size, 1, 1.0, 1));
-    if let Some(one) = drivers.pop() {
-        let exchanged = exchange(vec![one], warmup, args.window, |_| WARMUP_MESSAGES);
-        drivers.extend(exchanged.run(target, &counters, &mut errors).await?);
-    }
+    // The warm-up: users numbered after those measured below, so that none of their
+    // conversations is measured.
+    let connections = drivers.len();
+    let warmup = Arc::new(Frames::new(args.size, count, 0.0, connections).with_users_from(count));
+    let messages = share(count.max(WARMUP_MESSAGES), connections);
+    let drivers = exchange(drivers, warmup, args.window, messages)
+        .run(target, &counters, &mut errors)
+        .await?;
     tokio::time::sleep(SETTLE).await;
     let baseline = procfs::rss_kib(pid)?;
 
@@ -60,16 +66,22 @@ pub(super) async fn measure(
     tokio::time::sleep(SETTLE).await;
     let idle_connections_open = procfs::rss_kib(pid)?;
 
+    // Once more as many other conversations, with the idle connections open: the first round
+    // of conversations after them costs about 2 MiB more than the next, once, whatever their
+    // number (1000 or 4000).
+    let again =
+        Arc::new(Frames::new(args.size, count, 0.0, connections).with_users_from(2 * count));
+    let drivers = exchange(drivers, again, args.window, share(count, connections))
+        .run(target, &counters, &mut errors)
+        .await?;
+    tokio::time::sleep(SETTLE).await;
+    let conversations_warm = procfs::rss_kib(pid)?;
+
     // `count` users, each sending exactly one message: message i of the pool is user i's.
-    let frames = Arc::new(Frames::new(args.size, count, 0.0, drivers.len()));
-    let connections = drivers.len() as u64;
-    let drivers = exchange(drivers, frames, args.window, |connection| {
-        (count as u64)
-            .saturating_sub(connection as u64)
-            .div_ceil(connections)
-    })
-    .run(target, &counters, &mut errors)
-    .await?;
+    let frames = Arc::new(Frames::new(args.size, count, 0.0, connections));
+    let drivers = exchange(drivers, frames, args.window, share(count, connections))
+        .run(target, &counters, &mut errors)
+        .await?;
     tokio::time::sleep(SETTLE).await;
     let conversations_done = procfs::rss_kib(pid)?;
 
@@ -82,10 +94,21 @@ pub(super) async fn measure(
         Rss {
             baseline,
             idle_connections_open,
+            conversations_warm,
             conversations_done,
         },
         errors,
     ))
+}
+
+/// How many of `messages` each of `connections` sends: message i of the pool goes on
+/// connection `i % connections`.
+fn share(messages: usize, connections: usize) -> impl Fn(usize) -> u64 {
+    move |connection| {
+        (messages as u64)
+            .saturating_sub(connection as u64)
+            .div_ceil(connections.max(1) as u64)
+    }
 }
 
 async fn open(target: &Target, args: &BenchArgs) -> anyhow::Result<Socket> {

@@ -81,6 +81,8 @@ pub(super) struct Memory {
 pub(super) struct Rss {
     pub(super) baseline: u64,
     pub(super) idle_connections_open: u64,
+    /// After the second warm-up round of other conversations.
+    pub(super) conversations_warm: u64,
     pub(super) conversations_done: u64,
 }
 
@@ -92,7 +94,7 @@ impl Memory {
             idle_connections: count,
             conversations: count,
             kib_per_idle_connection: per(rss_kib.baseline, rss_kib.idle_connections_open),
-            kib_per_conversation: per(rss_kib.idle_connections_open, rss_kib.conversations_done),
+            kib_per_conversation: per(rss_kib.conversations_warm, rss_kib.conversations_done),
             rss_kib,
             errors,
         }
@@ -182,7 +184,8 @@ mod tests {
             Rss {
                 baseline: 10_000,
                 idle_connections_open: 22_000,
-                conversations_done: 22_500,
+                conversations_warm: 24_000,
+                conversations_done: 24_500,
             },
             Errors::default(),
         );
@@ -194,6 +197,7 @@ mod tests {
             Rss {
                 baseline: 100,
                 idle_connections_open: 90,
+                conversations_warm: 90,
                 conversations_done: 90,
             },
             Errors::default(),
