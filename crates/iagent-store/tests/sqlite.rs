@@ -1241,3 +1241,81 @@ async fn agent_changes_bump_the_version_and_the_default_cannot_be_removed() {
         );
     }
 }
+
+#[tokio::test]
+async fn a_database_with_the_earlier_dedup_table_is_moved_over() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("iagent.sqlite3")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE messages (
+                app TEXT NOT NULL,
+                msg_id TEXT NOT NULL,
+                received_ms INTEGER NOT NULL,
+                inbound TEXT,
+                response TEXT,
+                deferred_until INTEGER,
+                deferred_agent TEXT,
+                PRIMARY KEY (app, msg_id)
+            ) WITHOUT ROWID;
+            CREATE INDEX messages_received ON messages(received_ms);
+            INSERT INTO messages VALUES
+                ('shop', 'answered', 1, NULL, 'the response', NULL, NULL),
+                ('shop', 'in-flight', 2, 'inbound-1', NULL, NULL, NULL),
+                ('shop', 'waiting', 3, 'inbound-2', NULL, 99, 'hook');",
+        )
+        .unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store
+            .claim("shop", "answered", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered("the response".into())
+    );
+    assert_eq!(
+        store
+            .claim("shop", "in-flight", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Pending
+    );
+    assert_eq!(
+        store.unanswered().await.unwrap(),
+        vec![Unanswered {
+            app: "shop".into(),
+            inbound: "inbound-1".into(),
+        }]
+    );
+    let deferred = store.deferred().await.unwrap();
+    assert_eq!(deferred.len(), 1);
+    assert_eq!(
+        (deferred[0].agent.as_str(), deferred[0].until_ms),
+        ("hook", 99)
+    );
+    assert_eq!(
+        store
+            .claim("shop", "new", "inbound-3".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::New
+    );
+    drop(store);
+    // Moved once: a second open finds the new table and keeps it as it is.
+    let store = open(dir.path());
+    assert_eq!(
+        store
+            .claim("shop", "new", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Pending
+    );
+    assert_eq!(
+        store
+            .claim("shop", "answered", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered("the response".into())
+    );
+}
