@@ -47,6 +47,17 @@ async fn fill(
     expected
 }
 
+/// Purges history from before `cut` (nothing else); returns how many entries went.
+async fn purge_history_before(store: &SqliteStore, cut: i64) -> u64 {
+    let before = PurgeBefore {
+        dedup: 0,
+        history: cut,
+        outbox: 0,
+        files: 0,
+    };
+    store.purge(before).await.unwrap().history
+}
+
 fn last(messages: &[String], limit: usize) -> Vec<String> {
     messages[messages.len().saturating_sub(limit)..].to_vec()
 }
@@ -110,16 +121,7 @@ async fn purged_entries_leave_both_the_merged_index_and_the_tail() {
             .unwrap();
         messages.push(message);
     }
-    let purged = store
-        .purge(PurgeBefore {
-            dedup: 0,
-            history: NOW - 1,
-            outbox: 0,
-            files: 0,
-        })
-        .await
-        .unwrap();
-    assert_eq!(purged.history, 4);
+    assert_eq!(purge_history_before(&store, NOW - 1).await, 4);
     let kept = ["m1", "m3", "m5", "m7"];
     assert_eq!(store.history("shop", "a", 10).await.unwrap(), kept);
     drop(store);
@@ -141,15 +143,7 @@ async fn ids_of_purged_rows_are_never_handed_out_again() {
         .append_history("shop", vec![entry("b", NOW - 10_000, "purged".into())])
         .await
         .unwrap();
-    store
-        .purge(PurgeBefore {
-            dedup: 0,
-            history: NOW - 1,
-            outbox: 0,
-            files: 0,
-        })
-        .await
-        .unwrap();
+    purge_history_before(&store, NOW - 1).await;
     store
         .append_history("shop", vec![entry("a", NOW, "after".into())])
         .await
