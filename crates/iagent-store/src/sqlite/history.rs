@@ -222,26 +222,19 @@ impl HistoryIndex {
     }
 
     /// Removes history entries from before `before_ms`, with their index entries; returns
-    /// how many. The tail is read back afterwards.
+    /// how many. The tail is read back afterwards. Both deletes run inside SQLite, so a purge
+    /// of millions of rows (after a long stop) holds none of them in memory.
     pub(super) fn purge(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
+        conn.prepare_cached(
+            "DELETE FROM history_index WHERE (app, conversation, id) IN
+                (SELECT app, conversation, id FROM history WHERE at_ms < ?1)",
+        )?
+        .execute([before_ms])?;
         let removed = conn
-            .prepare_cached("DELETE FROM history WHERE at_ms < ?1 RETURNING app, conversation, id")?
-            .query_map([before_ms], |row| {
-                Ok((
-                    row.get::<_, String>(0)?,
-                    row.get::<_, String>(1)?,
-                    row.get::<_, i64>(2)?,
-                ))
-            })?
-            .collect::<rusqlite::Result<Vec<_>>>()?;
-        let mut unindex = conn.prepare_cached(
-            "DELETE FROM history_index WHERE app = ?1 AND conversation = ?2 AND id = ?3",
-        )?;
-        for (app, conversation, id) in &removed {
-            unindex.execute(params![app, conversation, id])?;
-        }
+            .prepare_cached("DELETE FROM history WHERE at_ms < ?1")?
+            .execute([before_ms])?;
         self.reload(conn)?;
-        Ok(removed.len() as u64)
+        Ok(removed as u64)
     }
 
     /// How many rows the tail holds.
