@@ -9,11 +9,10 @@
 //! So the index is kept lazily. `history_index` holds the entries of rows up to a watermark
 //! (`history_indexed_through` in `store_meta`); the rows after it, the tail, are indexed in
 //! memory, and merged into `history_index` in key order once there are enough of them (see
-//! [`DEFAULT_HISTORY_MERGE_ROWS`]):
-//! a merge writes each active conversation's page once for all its tail entries. The tail is
-//! derived state: whenever its agreement with the database is in doubt (a batch that failed,
-//! a purge) it is read back from the rows after the watermark, which is also how a restart,
-//! after `kill -9` or not, finds it.
+//! [`DEFAULT_HISTORY_MERGE_ROWS`]): a merge writes each active conversation's page once for
+//! all its tail entries. The tail is derived state: whenever its agreement with the database
+//! is in doubt (a rollback, a purge) it is read back from the rows after the watermark, which
+//! is also how a restart, after `kill -9` or not, finds it.
 
 use std::collections::BTreeMap;
 
