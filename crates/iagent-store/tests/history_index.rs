@@ -58,6 +58,14 @@ async fn purge_history_before(store: &SqliteStore, cut: i64) -> u64 {
     store.purge(before).await.unwrap().history
 }
 
+/// Appends one message to a conversation of the app "shop".
+async fn append(store: &SqliteStore, conversation: &str, at_ms: i64, message: String) {
+    store
+        .append_history("shop", vec![entry(conversation, at_ms, message)])
+        .await
+        .unwrap();
+}
+
 fn last(messages: &[String], limit: usize) -> Vec<String> {
     messages[messages.len().saturating_sub(limit)..].to_vec()
 }
@@ -115,10 +123,7 @@ async fn purged_entries_leave_both_the_merged_index_and_the_tail() {
         // Every other message is old enough to be purged.
         let at_ms = if n % 2 == 0 { NOW - 10_000 } else { NOW };
         let message = format!("m{n}");
-        store
-            .append_history("shop", vec![entry("a", at_ms, message.clone())])
-            .await
-            .unwrap();
+        append(&store, "a", at_ms, message.clone()).await;
         messages.push(message);
     }
     assert_eq!(purge_history_before(&store, NOW - 1).await, 4);
@@ -144,21 +149,12 @@ async fn purged_entries_leave_both_the_merged_index_and_the_tail() {
 async fn ids_of_purged_rows_are_never_handed_out_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 2);
-    store
-        .append_history("shop", vec![entry("a", NOW, "kept".into())])
-        .await
-        .unwrap();
+    append(&store, "a", NOW, "kept".into()).await;
     // The newest row, merged into the index, then purged: a table that reused its id would
     // give it to the next row, below the merge watermark, where a restart never looks for it.
-    store
-        .append_history("shop", vec![entry("b", NOW - 10_000, "purged".into())])
-        .await
-        .unwrap();
+    append(&store, "b", NOW - 10_000, "purged".into()).await;
     purge_history_before(&store, NOW - 1).await;
-    store
-        .append_history("shop", vec![entry("a", NOW, "after".into())])
-        .await
-        .unwrap();
+    append(&store, "a", NOW, "after".into()).await;
     drop(store);
     let store = open(dir.path(), 2);
     assert_eq!(
@@ -193,10 +189,7 @@ async fn a_database_with_the_earlier_conversation_index_is_moved_over() {
         store.history("shop", "a", 10).await.unwrap(),
         ["old-1", "old-2"]
     );
-    store
-        .append_history("shop", vec![entry("a", NOW, "new".into())])
-        .await
-        .unwrap();
+    append(&store, "a", NOW, "new".into()).await;
     drop(store);
     let store = open(dir.path(), 2);
     assert_eq!(
