@@ -461,8 +461,8 @@ async fn earlier_messages(
         .collect())
 }
 
-/// What a processed message adds to its conversation's history: the message, and the reply if
-/// there was one.
+/// What a processed message adds to its conversation's history: one entry, the message with
+/// the reply if there was one.
 fn history(
     conversation: &ConversationKey,
     message: &Message,
@@ -470,20 +470,12 @@ fn history(
     response: &Message,
     frame: &str,
 ) -> Vec<HistoryEntry> {
-    let conversation = conversation.storage_key();
-    let mut entries = vec![HistoryEntry {
-        conversation: conversation.clone(),
+    vec![HistoryEntry {
+        conversation: conversation.storage_key(),
         at_ms: message.timestamp,
         message: inbound,
-    }];
-    if response.resp_code == RespCode::Ok {
-        entries.push(HistoryEntry {
-            conversation,
-            at_ms: response.timestamp,
-            message: frame.to_owned(),
-        });
-    }
-    entries
+        reply: (response.resp_code == RespCode::Ok).then(|| frame.to_owned()),
+    }]
 }
 
 /// Answers, with 50, every message a previous process claimed and never answered, so that each

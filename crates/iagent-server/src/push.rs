@@ -128,6 +128,7 @@ pub(crate) async fn push(
         conversation: conversation.storage_key(),
         at_ms: message.timestamp,
         message: frame.clone(),
+        reply: None,
     };
     if let Err(err) = gateway.store.append_history(&app.name, vec![entry]).await {
         gateway.store_failed("append_history", &err);

@@ -125,15 +125,20 @@ pub enum Claim {
     Pending,
 }
 
-/// One message of a conversation's history.
+/// One entry of a conversation's history: a message and, when it got one, the reply to it.
+///
+/// A message and its reply are one entry, stored as one row: an exchange costs the store one
+/// insert instead of two, and the two can never be separated by a purge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryEntry {
     /// The conversation's key (see the server's conversation module).
     pub conversation: String,
-    /// When, in ms since the Unix epoch.
+    /// When the message was sent, in ms since the Unix epoch; the entry's age for retention.
     pub at_ms: i64,
     /// The message, as JSON text.
     pub message: String,
+    /// The reply to it, as JSON text, when there was one.
+    pub reply: Option<String>,
 }
 
 /// The terminal response of a message, with the history it adds; stored in one transaction.

@@ -22,6 +22,7 @@ fn entry(conversation: &str, at_ms: i64, message: String) -> HistoryEntry {
         conversation: conversation.into(),
         at_ms,
         message,
+        reply: None,
     }
 }
 
@@ -262,4 +263,66 @@ async fn a_batch_run_again_after_a_failing_job_keeps_each_entry_once() {
     check(store.clone()).await;
     drop(store);
     check(std::sync::Arc::new(open(dir.path(), 1_000_000))).await;
+}
+
+#[tokio::test]
+async fn an_entry_reads_back_as_its_message_then_its_reply_and_limits_count_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    // A merge every 2 rows: the first entries are read from the index, the last from the tail.
+    let store = open(dir.path(), 2);
+    let exchanges = [("q1", Some("a1")), ("q2", None), ("q3", Some("a3"))];
+    for (message, reply) in exchanges {
+        let entry = HistoryEntry {
+            reply: reply.map(str::to_owned),
+            ..entry("a", NOW, message.into())
+        };
+        store.append_history("shop", vec![entry]).await.unwrap();
+    }
+    let all = ["q1", "a1", "q2", "q3", "a3"].map(str::to_owned);
+    for limit in 0..=all.len() + 1 {
+        let read = store.history("shop", "a", limit as u32).await.unwrap();
+        assert_eq!(read, last(&all, limit), "limit {limit}");
+    }
+}
+
+#[tokio::test]
+async fn a_database_from_before_entries_held_replies_keeps_its_messages() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("iagent.sqlite3")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+            CREATE TABLE history (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                app TEXT NOT NULL,
+                conversation TEXT NOT NULL,
+                at_ms INTEGER NOT NULL,
+                message TEXT NOT NULL
+            );
+            CREATE INDEX history_at ON history(at_ms);
+            CREATE TABLE history_index (
+                app TEXT NOT NULL,
+                conversation TEXT NOT NULL,
+                id INTEGER NOT NULL,
+                PRIMARY KEY (app, conversation, id)
+            ) WITHOUT ROWID;
+            INSERT INTO history (app, conversation, at_ms, message) VALUES
+                ('shop', 'a', 1, 'question'), ('shop', 'a', 2, 'its reply'), ('shop', 'a', 3, 'unmerged');
+            INSERT INTO history_index (app, conversation, id) VALUES ('shop', 'a', 1), ('shop', 'a', 2);
+            INSERT INTO store_meta (key, value) VALUES ('history_indexed_through', 2);",
+        )
+        .unwrap();
+    }
+    let store = open(dir.path(), 100);
+    let entry = HistoryEntry {
+        reply: Some("new reply".into()),
+        ..entry("a", NOW, "new".into())
+    };
+    store.append_history("shop", vec![entry]).await.unwrap();
+    drop(store);
+    let store = open(dir.path(), 100);
+    assert_eq!(
+        store.history("shop", "a", 10).await.unwrap(),
+        ["question", "its reply", "unmerged", "new", "new reply"]
+    );
 }

@@ -61,6 +61,7 @@ fn history(conversation: &str, at_ms: i64, message: &str) -> HistoryEntry {
         conversation: conversation.into(),
         at_ms,
         message: message.into(),
+        reply: None,
     }
 }
 

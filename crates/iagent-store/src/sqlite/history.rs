@@ -59,7 +59,22 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
             })?;
         set_watermark(conn, through)?;
     }
-    create(conn)
+    create(conn)?;
+    add_reply_column(conn)
+}
+
+/// Gives a `history` table from before an entry held its reply the column for it. Its rows
+/// stay as they are: a reply stored as a row of its own reads back in the same order.
+fn add_reply_column(conn: &Connection) -> Result<()> {
+    let present: bool = conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('history') WHERE name = 'reply')",
+        [],
+        |row| row.get(0),
+    )?;
+    if !present {
+        conn.execute_batch("ALTER TABLE history ADD COLUMN reply TEXT")?;
+    }
+    Ok(())
 }
 
 /// The history tables. `AUTOINCREMENT`, because an id must never be handed out twice: a row
@@ -71,7 +86,8 @@ fn create(conn: &Connection) -> Result<()> {
             app TEXT NOT NULL,
             conversation TEXT NOT NULL,
             at_ms INTEGER NOT NULL,
-            message TEXT NOT NULL
+            message TEXT NOT NULL,
+            reply TEXT
         );
         CREATE INDEX IF NOT EXISTS history_at ON history(at_ms);
         CREATE TABLE IF NOT EXISTS history_index (
@@ -168,16 +184,24 @@ impl HistoryIndex {
         entries: &[HistoryEntry],
     ) -> Result<()> {
         let mut append = conn.prepare_cached(
-            "INSERT INTO history (app, conversation, at_ms, message) VALUES (?1, ?2, ?3, ?4)",
+            "INSERT INTO history (app, conversation, at_ms, message, reply)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
         for entry in entries {
-            append.execute(params![app, entry.conversation, entry.at_ms, entry.message])?;
+            append.execute(params![
+                app,
+                entry.conversation,
+                entry.at_ms,
+                entry.message,
+                entry.reply
+            ])?;
             self.push(app, &entry.conversation, conn.last_insert_rowid());
         }
         Ok(())
     }
 
-    /// The last `limit` messages of a conversation, as JSON text, oldest first.
+    /// The last `limit` messages of a conversation, as JSON text, oldest first. Every entry
+    /// holds at least one message, so the last `limit` entries hold them all.
     pub(super) fn read(
         &self,
         conn: &Connection,
@@ -205,18 +229,22 @@ impl HistoryIndex {
         ids.extend_from_slice(&recent[recent.len().saturating_sub(limit)..]);
         // The row's own app and conversation are checked too: an index entry is only ever a
         // pointer, and a pointer must not be able to show one conversation another's messages.
-        let mut message = conn.prepare_cached(
-            "SELECT message FROM history WHERE id = ?1 AND app = ?2 AND conversation = ?3",
+        let mut entry = conn.prepare_cached(
+            "SELECT message, reply FROM history WHERE id = ?1 AND app = ?2 AND conversation = ?3",
         )?;
-        let mut messages = Vec::with_capacity(ids.len());
+        let mut messages = Vec::with_capacity(ids.len() * 2);
         for id in ids {
-            if let Some(text) = message
-                .query_row(params![id, app, conversation], |row| row.get(0))
-                .optional()?
-            {
-                messages.push(text);
+            let found = entry
+                .query_row(params![id, app, conversation], |row| {
+                    Ok((row.get(0)?, row.get::<_, Option<String>>(1)?))
+                })
+                .optional()?;
+            if let Some((message, reply)) = found {
+                messages.push(message);
+                messages.extend(reply);
             }
         }
+        messages.drain(..messages.len().saturating_sub(limit));
         Ok(messages)
     }
 
