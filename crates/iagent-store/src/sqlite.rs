@@ -5,6 +5,7 @@
 //! share one commit, while a lone request still commits at once (the writer never waits to fill
 //! a batch). The database runs in WAL mode; see [`Durability`] for what a commit survives.
 
+mod checkpoint;
 mod history;
 mod writer;
 
@@ -38,8 +39,9 @@ pub const MAX_BATCH: usize = 512;
 /// message path) instead of growing memory.
 pub const QUEUE_CAPACITY: usize = 8192;
 
-/// WAL pages between automatic checkpoints (SQLite's default is 1000). At 4 KiB pages the WAL
-/// file grows to about 40 MiB before a checkpoint starts from its beginning again.
+/// The bound on the WAL, in pages: should the checkpointer (see [`checkpoint`]) fall behind,
+/// the writer checkpoints at the end of the commit that takes the WAL past it, as SQLite does
+/// by default at 1000. At 4 KiB pages, about 40 MiB of WAL file.
 pub const WAL_AUTOCHECKPOINT: u32 = 10_000;
 
 /// What a commit survives.
@@ -105,10 +107,15 @@ impl SqliteStore {
         conn.execute_batch("COMMIT")?;
         let history = history::HistoryIndex::load(&conn, options.history_merge_rows)?;
         let database = Database { conn, history };
+        let (stop_checkpoints, checkpoints_stopped) = std::sync::mpsc::channel();
+        checkpoint::start(&path, options.durability, checkpoints_stopped)?;
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
         thread::Builder::new()
             .name("iagent-store".into())
-            .spawn(move || write_loop(database, queue))
+            .spawn(move || {
+                write_loop(database, queue);
+                drop(stop_checkpoints);
+            })
             .map_err(|source| StoreError::DataDir {
                 path: data_dir.to_owned(),
                 source,
@@ -137,20 +144,22 @@ impl SqliteStore {
     }
 }
 
-fn configure(conn: &Connection, durability: Durability) -> Result<()> {
-    conn.pragma_update(None, "journal_mode", "WAL")?;
-    let synchronous = match durability {
+/// The `synchronous` setting of every connection for `durability`.
+fn synchronous(durability: Durability) -> &'static str {
+    match durability {
         Durability::Process => "NORMAL",
         Durability::Power => "FULL",
-    };
-    conn.pragma_update(None, "synchronous", synchronous)?;
+    }
+}
+
+fn configure(conn: &Connection, durability: Durability) -> Result<()> {
+    conn.pragma_update(None, "journal_mode", "WAL")?;
+    conn.pragma_update(None, "synchronous", synchronous(durability))?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
     // Every job runs in a savepoint, whose journal (the pages it changes, as they were) would
     // otherwise be a temporary file written with a syscall per page.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
-    // Checkpoint every WAL_AUTOCHECKPOINT pages rather than SQLite's 1000: the hot pages of
-    // the message path change in almost every batch, and a longer WAL copies each of them
-    // back into the database once per checkpoint instead of many times.
+    // The checkpointer copies the WAL back; the writer only bounds it.
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT)?;
     // The CLI may write (create an app) while a gateway serves from the same file.
     conn.busy_timeout(std::time::Duration::from_secs(5))?;

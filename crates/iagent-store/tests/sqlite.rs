@@ -2,7 +2,8 @@
 //! temporary directory: apps and their validation, tokens (lookup, rotation, revocation, and that
 //! only their SHA-256 hashes ever reach the database files), the dedup record of `msg_id`s
 //! (claim, complete, unanswered), the outbox (push, peek, remove, depths, isolation between
-//! apps), purging of expired records, durability across a reopen, and the writer's batching:
+//! apps), purging of expired records, durability across a reopen and the checkpoints that copy
+//! commits into the main file, and the writer's batching:
 //! concurrent claims of one `msg_id` yield exactly one `New`, and a failing job does not take its
 //! batch down with it.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -923,6 +924,39 @@ async fn everything_survives_a_reopen() {
         .await
         .unwrap();
     assert!(next > id);
+}
+
+#[tokio::test]
+async fn commits_reach_the_main_database_file_while_the_store_stays_open() {
+    let (dir, store) = fresh();
+    for n in 0..10 {
+        let msg_id = format!("m{n}");
+        let said = vec![history("c", NOW, "hi")];
+        store
+            .record(completion("shop", &msg_id, "ok", said), NOW)
+            .await
+            .unwrap();
+    }
+    // The main file alone, without its WAL, as a copy: what has been checkpointed into it.
+    let copy = dir.path().join("main-file-only.sqlite3");
+    let checkpointed = || {
+        std::fs::copy(store.path(), &copy).unwrap();
+        let conn = rusqlite::Connection::open(&copy).unwrap();
+        conn.query_row("SELECT COUNT(*) FROM messages", [], |row| {
+            row.get::<_, i64>(0)
+        })
+        .unwrap_or(0)
+    };
+    // Ten small commits are far below the writer's own checkpoint bound: only the
+    // checkpointer's thread copies them, within a few of its intervals.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while checkpointed() < 10 {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the commits never reached the main file"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
 }
 
 // ---------------------------------------------------------------------------------------------
