@@ -338,6 +338,115 @@ async fn claim_is_new_then_pending_then_answered() {
     assert_eq!(claim("m2").await.unwrap(), Claim::New);
 }
 
+/// An echo's completion: one history entry whose reply is the response itself.
+fn echoed(msg_id: &str, at_ms: i64) -> Completion {
+    let response = format!("response to {msg_id}");
+    let entry = HistoryEntry {
+        reply: Some(response.clone()),
+        ..history("c", at_ms, &format!("message {msg_id}"))
+    };
+    completion("shop", msg_id, &response, vec![entry])
+}
+
+/// How many times `text` is stored, over every column of the dedup and history tables.
+fn copies_stored(dir: &Path, text: &str) -> i64 {
+    let conn = rusqlite::Connection::open(dir.join("iagent.sqlite3")).unwrap();
+    conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM messages WHERE response = ?1 OR inbound = ?1)
+              + (SELECT COUNT(*) FROM history WHERE message = ?1 OR reply = ?1)",
+        [text],
+        |row| row.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_response_that_is_its_entrys_reply_is_stored_once_and_served_to_resends() {
+    let (dir, store) = fresh();
+    assert_eq!(
+        store.record(echoed("m1", NOW), NOW).await.unwrap(),
+        Claim::New
+    );
+    assert_eq!(copies_stored(dir.path(), "response to m1"), 1);
+    assert_eq!(
+        store
+            .claim("shop", "m1", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered("response to m1".into())
+    );
+    assert_eq!(
+        store.record(echoed("m1", NOW), NOW).await.unwrap(),
+        Claim::Answered("response to m1".into())
+    );
+    assert!(store.unanswered().await.unwrap().is_empty());
+    assert!(store.deferred().await.unwrap().is_empty());
+    assert_eq!(
+        store.history("shop", "c", 10).await.unwrap(),
+        ["message m1", "response to m1"]
+    );
+    // A response that is not a reply (a 10, say) is stored with its dedup row.
+    let declined = completion("shop", "m2", "not replying", vec![history("c", NOW, "m2")]);
+    store.record(declined, NOW).await.unwrap();
+    assert_eq!(
+        store
+            .claim("shop", "m2", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered("not replying".into())
+    );
+}
+
+#[tokio::test]
+async fn a_dedup_row_outliving_its_history_entry_keeps_its_response() {
+    let (dir, store) = fresh();
+    store.record(echoed("old", NOW - 100), NOW).await.unwrap();
+    store.record(echoed("new", NOW), NOW).await.unwrap();
+    let history_only = |history| PurgeBefore {
+        dedup: 0,
+        history,
+        outbox: 0,
+        files: 0,
+    };
+    let purged = store.purge(history_only(NOW - 50)).await.unwrap();
+    assert_eq!((purged.history, purged.dedup), (1, 0));
+    assert_eq!(
+        store.history("shop", "c", 10).await.unwrap(),
+        ["message new", "response to new"]
+    );
+    // Both resends still get their response, and it is still stored once.
+    for msg_id in ["old", "new"] {
+        assert_eq!(
+            store
+                .claim("shop", msg_id, "again".into(), NOW)
+                .await
+                .unwrap(),
+            Claim::Answered(format!("response to {msg_id}"))
+        );
+        assert_eq!(
+            copies_stored(dir.path(), &format!("response to {msg_id}")),
+            1
+        );
+    }
+    assert!(store.unanswered().await.unwrap().is_empty());
+    // Past the dedup window, both dedup rows go, whichever holds the response.
+    let purged = store
+        .purge(PurgeBefore {
+            dedup: NOW + 1,
+            ..history_only(0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(purged.dedup, 2);
+    assert_eq!(
+        store
+            .claim("shop", "new", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::New
+    );
+}
+
 #[tokio::test]
 async fn record_writes_once_and_then_reports_what_is_stored() {
     let (_dir, store) = fresh();
@@ -1275,6 +1384,79 @@ async fn agent_changes_bump_the_version_and_the_default_cannot_be_removed() {
             "{bad:?}"
         );
     }
+}
+
+#[tokio::test]
+async fn a_database_from_before_responses_were_stored_once_keeps_working() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("iagent.sqlite3")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE messages (
+                id INTEGER PRIMARY KEY,
+                app TEXT NOT NULL,
+                msg_id TEXT NOT NULL,
+                received_ms INTEGER NOT NULL,
+                inbound TEXT,
+                response TEXT,
+                deferred_until INTEGER,
+                deferred_agent TEXT,
+                UNIQUE (app, msg_id)
+            );
+            CREATE TABLE history (
+                id INTEGER PRIMARY KEY AUTOINCREMENT,
+                app TEXT NOT NULL,
+                conversation TEXT NOT NULL,
+                at_ms INTEGER NOT NULL,
+                message TEXT NOT NULL,
+                reply TEXT
+            );
+            CREATE TABLE history_index (
+                app TEXT NOT NULL,
+                conversation TEXT NOT NULL,
+                id INTEGER NOT NULL,
+                PRIMARY KEY (app, conversation, id)
+            ) WITHOUT ROWID;
+            CREATE TABLE store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+            INSERT INTO store_meta VALUES ('history_indexed_through', 0);
+            INSERT INTO messages (app, msg_id, received_ms, response) VALUES
+                ('shop', 'before', 1, 'the response');
+            INSERT INTO history (app, conversation, at_ms, message, reply) VALUES
+                ('shop', 'c', 1, 'message before', 'the response');",
+        )
+        .unwrap();
+    }
+    let store = open(dir.path());
+    assert_eq!(
+        store
+            .claim("shop", "before", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered("the response".into())
+    );
+    assert_eq!(
+        store.record(echoed("after", NOW), NOW).await.unwrap(),
+        Claim::New
+    );
+    assert_eq!(copies_stored(dir.path(), "response to after"), 1);
+    drop(store);
+    let store = open(dir.path());
+    assert_eq!(
+        store
+            .claim("shop", "after", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered("response to after".into())
+    );
+    assert_eq!(
+        store.history("shop", "c", 10).await.unwrap(),
+        [
+            "message before",
+            "the response",
+            "message after",
+            "response to after"
+        ]
+    );
 }
 
 #[tokio::test]

@@ -60,34 +60,28 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
         set_watermark(conn, through)?;
     }
     create(conn)?;
-    add_reply_column(conn)
+    // A table from before an entry held its reply, or before a dedup row could point at it,
+    // gets the columns; its rows stay as they are (a reply stored as a row of its own reads
+    // back in the same order).
+    super::add_column(conn, "history", "reply TEXT")?;
+    super::add_column(conn, "history", "message_id INTEGER")
 }
 
-/// Gives a `history` table from before an entry held its reply the column for it. Its rows
-/// stay as they are: a reply stored as a row of its own reads back in the same order.
-fn add_reply_column(conn: &Connection) -> Result<()> {
-    let present: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info('history') WHERE name = 'reply')",
-        [],
-        |row| row.get(0),
-    )?;
-    if !present {
-        conn.execute_batch("ALTER TABLE history ADD COLUMN reply TEXT")?;
-    }
-    Ok(())
-}
-
-/// The history tables. `AUTOINCREMENT`, because an id must never be handed out twice: a row
-/// at or below the watermark is assumed to be in `history_index` already.
+/// The history tables. Ids come from [`HistoryIndex::next_id`], never from SQLite: an id must
+/// never be handed out twice, since a row at or below the watermark is assumed to be in
+/// `history_index` already (tables made before that keep their `AUTOINCREMENT`, harmlessly).
+/// `message_id` is the dedup row (`messages.id`) whose response is this entry's reply, stored
+/// here only.
 fn create(conn: &Connection) -> Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS history (
-            id INTEGER PRIMARY KEY AUTOINCREMENT,
+            id INTEGER PRIMARY KEY,
             app TEXT NOT NULL,
             conversation TEXT NOT NULL,
             at_ms INTEGER NOT NULL,
             message TEXT NOT NULL,
-            reply TEXT
+            reply TEXT,
+            message_id INTEGER
         );
         CREATE INDEX IF NOT EXISTS history_at ON history(at_ms);
         CREATE TABLE IF NOT EXISTS history_index (
@@ -131,6 +125,8 @@ pub(super) struct HistoryIndex {
     rows: usize,
     /// The number of tail rows at which the tail is merged.
     merge_rows: usize,
+    /// The id of the next entry: above every row's and the watermark.
+    next_id: i64,
 }
 
 impl HistoryIndex {
@@ -140,6 +136,7 @@ impl HistoryIndex {
             tail: Tail::new(),
             rows: 0,
             merge_rows,
+            next_id: 1,
         };
         index.reload(conn)?;
         Ok(index)
@@ -158,7 +155,17 @@ impl HistoryIndex {
             let (app, conversation): (String, String) = (row.get(0)?, row.get(1)?);
             self.push(&app, &conversation, row.get(2)?);
         }
+        let last: Option<i64> = conn
+            .prepare_cached("SELECT MAX(id) FROM history")?
+            .query_row([], |row| row.get(0))?;
+        self.next_id = last.unwrap_or(0).max(through) + 1;
         Ok(())
+    }
+
+    /// The id the next appended entry gets. The writer thread alone appends, so a job may
+    /// name the id before it appends (a dedup row pointing at its reply).
+    pub(super) fn next_id(&self) -> i64 {
+        self.next_id
     }
 
     /// Adds an entry to the tail; allocates only for a conversation new to it.
@@ -183,20 +190,45 @@ impl HistoryIndex {
         app: &str,
         entries: &[HistoryEntry],
     ) -> Result<()> {
-        let mut append = conn.prepare_cached(
-            "INSERT INTO history (app, conversation, at_ms, message, reply)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?;
-        for entry in entries {
-            append.execute(params![
-                app,
-                entry.conversation,
-                entry.at_ms,
-                entry.message,
-                entry.reply
-            ])?;
-            self.push(app, &entry.conversation, conn.last_insert_rowid());
-        }
+        entries
+            .iter()
+            .try_for_each(|entry| self.insert(conn, app, entry, None))
+    }
+
+    /// Appends an entry whose reply is also the response of the dedup row `message_id`,
+    /// which points back at it (as [`HistoryIndex::next_id`]) instead of holding a copy.
+    pub(super) fn append_reply_of(
+        &mut self,
+        conn: &Connection,
+        app: &str,
+        entry: &HistoryEntry,
+        message_id: i64,
+    ) -> Result<()> {
+        self.insert(conn, app, entry, Some(message_id))
+    }
+
+    fn insert(
+        &mut self,
+        conn: &Connection,
+        app: &str,
+        entry: &HistoryEntry,
+        message_id: Option<i64>,
+    ) -> Result<()> {
+        conn.prepare_cached(
+            "INSERT INTO history (id, app, conversation, at_ms, message, reply, message_id)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+        )?
+        .execute(params![
+            self.next_id,
+            app,
+            entry.conversation,
+            entry.at_ms,
+            entry.message,
+            entry.reply,
+            message_id
+        ])?;
+        self.push(app, &entry.conversation, self.next_id);
+        self.next_id += 1;
         Ok(())
     }
 
@@ -252,6 +284,14 @@ impl HistoryIndex {
     /// how many. The tail is read back afterwards. Both deletes run inside SQLite, so a purge
     /// of millions of rows (after a long stop) holds none of them in memory.
     pub(super) fn purge(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
+        // A dedup row still inside its window keeps its response: the reply goes back into it.
+        conn.prepare_cached(
+            "UPDATE messages SET response = h.reply, history_id = NULL
+             FROM history h
+             WHERE h.at_ms < ?1 AND h.message_id IS NOT NULL
+               AND messages.id = h.message_id AND messages.history_id = h.id",
+        )?
+        .execute([before_ms])?;
         conn.prepare_cached(
             "DELETE FROM history_index WHERE (app, conversation, id) IN
                 (SELECT app, conversation, id FROM history WHERE at_ms < ?1)",

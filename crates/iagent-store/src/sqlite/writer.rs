@@ -29,6 +29,17 @@ impl Database {
         self.history.append(&self.conn, app, entries)
     }
 
+    /// Appends the entry whose reply is the response of the dedup row `message_id`.
+    pub(super) fn append_reply_of(
+        &mut self,
+        app: &str,
+        entry: &HistoryEntry,
+        message_id: i64,
+    ) -> Result<()> {
+        self.history
+            .append_reply_of(&self.conn, app, entry, message_id)
+    }
+
     /// Reads the history index's tail back after a rollback, so that it says again what the
     /// database holds.
     fn reload_history(&mut self) -> Result<()> {
