@@ -190,6 +190,16 @@ async fn a_database_with_the_earlier_conversation_index_is_moved_over() {
         store.history("shop", "a", 10).await.unwrap(),
         ["old-1", "old-2"]
     );
+    // The ordinary index on the conversation, a page written per message, is gone.
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    let kept: bool = conn
+        .query_row(
+            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'history_conversation')",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap();
+    assert!(!kept);
     append(&store, "a", NOW, "new".into()).await;
     drop(store);
     let store = open(dir.path(), 2);

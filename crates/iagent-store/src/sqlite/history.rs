@@ -32,39 +32,27 @@ const WATERMARK_KEY: &str = "history_indexed_through";
 
 /// Creates the history tables, and moves a database from before the lazy index over to it.
 pub(super) fn migrate(conn: &Connection) -> Result<()> {
+    create(conn)?;
+    // A table from before an entry held its reply, or before a dedup row could point at it,
+    // gets the columns; its rows stay as they are (a reply stored as a row of its own reads
+    // back in the same order).
+    super::add_column(conn, "history", "reply TEXT")?;
+    super::add_column(conn, "history", "message_id INTEGER")?;
     if watermark(conn)?.is_none() {
-        let earlier: bool = conn.query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'history')",
-            [],
-            |row| row.get(0),
+        // New, or from before the lazy index: the rows there are indexed once, here, and the
+        // ordinary index on the conversation, which cost a page per message, goes.
+        conn.execute_batch(
+            "DROP INDEX IF EXISTS history_conversation;
+             INSERT INTO history_index (app, conversation, id)
+             SELECT app, conversation, id FROM history;",
         )?;
-        if earlier {
-            // Its ids could be handed out again after a purge, which the watermark cannot
-            // allow: the rows move to a table that never reuses an id.
-            conn.execute_batch("ALTER TABLE history RENAME TO history_before_index")?;
-        }
-        create(conn)?;
-        if earlier {
-            conn.execute_batch(
-                "INSERT INTO history (id, app, conversation, at_ms, message)
-                 SELECT id, app, conversation, at_ms, message FROM history_before_index;
-                 DROP TABLE history_before_index;
-                 INSERT INTO history_index (app, conversation, id)
-                 SELECT app, conversation, id FROM history;",
-            )?;
-        }
         let through: i64 =
             conn.query_row("SELECT COALESCE(MAX(id), 0) FROM history", [], |row| {
                 row.get(0)
             })?;
         set_watermark(conn, through)?;
     }
-    create(conn)?;
-    // A table from before an entry held its reply, or before a dedup row could point at it,
-    // gets the columns; its rows stay as they are (a reply stored as a row of its own reads
-    // back in the same order).
-    super::add_column(conn, "history", "reply TEXT")?;
-    super::add_column(conn, "history", "message_id INTEGER")
+    Ok(())
 }
 
 /// The history tables. Ids come from [`HistoryIndex::next_id`], never from SQLite: an id must
@@ -117,8 +105,9 @@ type Tail = BTreeMap<String, BTreeMap<String, Vec<i64>>>;
 /// The in-memory part of the conversation index: the tail's entries.
 ///
 /// Entries join the tail as their rows are inserted. Statements rolled back take their rows
-/// with them, so the writer then reads the tail back ([`HistoryIndex::reload`]): an id that
-/// the database may hand out again must never point at another conversation's row.
+/// with them, so the writer then reads the tail back ([`HistoryIndex::reload`]): the ids those
+/// rows took are handed out again, and an entry must never point at another conversation's
+/// row.
 #[derive(Debug)]
 pub(super) struct HistoryIndex {
     tail: Tail,
