@@ -4,6 +4,12 @@
 //! Standard output carries only what a command produces (a token, a list, a reply); logs go to
 //! standard error, filtered by `IAGENT_LOG` (default `info`).
 
+/// mimalloc instead of the system allocator: every message allocates and frees frames, parsed
+/// fields and futures across worker threads, and glibc's malloc spent about a sixth of the
+/// gateway's CPU doing it (measured in `BENCHMARKS.md`).
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod agents;
 mod apps;
 mod bench;
