@@ -300,7 +300,7 @@ fn completion(
         app: app.name.clone(),
         msg_id: message.msg_id.clone(),
         response: frame.to_owned(),
-        history: history(conversation, message, inbound, response, frame),
+        history: history(conversation, inbound, response, frame),
     }
 }
 
@@ -465,14 +465,14 @@ async fn earlier_messages(
 /// the reply if there was one.
 fn history(
     conversation: &ConversationKey,
-    message: &Message,
     inbound: String,
     response: &Message,
     frame: &str,
 ) -> Vec<HistoryEntry> {
     vec![HistoryEntry {
         conversation: conversation.storage_key(),
-        at_ms: message.timestamp,
+        // The gateway's clock, not the sender's: retention must not be the backend's to set.
+        at_ms: response.timestamp,
         message: inbound,
         reply: (response.resp_code == RespCode::Ok).then(|| frame.to_owned()),
     }]
@@ -517,6 +517,8 @@ pub(crate) async fn recover_unanswered(
 
 #[cfg(test)]
 mod tests {
+    use iagent_protocol::{ContentType, SenderType};
+
     use super::*;
 
     #[test]
@@ -534,5 +536,37 @@ mod tests {
             ConversationKey::Group("x".into()).storage_key(),
             a.storage_key()
         );
+    }
+
+    #[test]
+    fn a_history_entry_is_dated_by_the_gateway_not_by_the_sender() {
+        // A backend's clock (or a forged timestamp) must not decide how long history is kept.
+        let sent = Message {
+            chat_type: ChatType::Private,
+            msg_id: "m1".into(),
+            ref_msg_id: None,
+            timestamp: 0,
+            group_id: None,
+            sender_type: SenderType::User,
+            sender_id: "u1".into(),
+            receiver_id: Some("echo".into()),
+            resp_code: RespCode::Ok,
+            content_type: ContentType::Text,
+            content: "hi".into(),
+        };
+        let reply = Message {
+            msg_id: "r1".into(),
+            ref_msg_id: Some("m1".into()),
+            timestamp: 1_700_000_000_000,
+            sender_type: SenderType::Agent,
+            sender_id: "echo".into(),
+            receiver_id: Some("u1".into()),
+            ..sent.clone()
+        };
+        let key = ConversationKey::of(&sent, "echo");
+        let entries = history(&key, sent.to_json(), &reply, &reply.to_json());
+        assert_eq!(entries.len(), 1);
+        assert_eq!(entries[0].at_ms, reply.timestamp);
+        assert_eq!(entries[0].reply.as_deref(), Some(reply.to_json().as_str()));
     }
 }

@@ -133,7 +133,9 @@ pub enum Claim {
 pub struct HistoryEntry {
     /// The conversation's key (see the server's conversation module).
     pub conversation: String,
-    /// When the message was sent, in ms since the Unix epoch; the entry's age for retention.
+    /// When the gateway stored the entry, by its own clock, in ms since the Unix epoch: the
+    /// entry's age for retention. Entries are purged in the order they were appended, so
+    /// this is expected to grow with them.
     pub at_ms: i64,
     /// The message, as JSON text.
     pub message: String,

@@ -105,7 +105,7 @@ impl SqliteStore {
         conn.execute_batch("BEGIN IMMEDIATE")?;
         migrate(&conn)?;
         conn.execute_batch("COMMIT")?;
-        let history = history::HistoryIndex::load(&conn, options.history_merge_rows)?;
+        let history = history::HistoryHeads::load(&conn, options.history_merge_rows)?;
         let database = Database { conn, history };
         let (stop_checkpoints, checkpoints_stopped) = std::sync::mpsc::channel();
         checkpoint::start(&path, options.durability, checkpoints_stopped)?;
@@ -215,7 +215,8 @@ fn migrate(conn: &Connection) -> Result<()> {
 }
 
 /// Adds a column to a table made before the column existed; `column` is its name and type.
-fn add_column(conn: &Connection, table: &str, column: &str) -> Result<()> {
+/// Returns whether it was missing.
+fn add_column(conn: &Connection, table: &str, column: &str) -> Result<bool> {
     let name = column.split_whitespace().next().unwrap_or(column);
     let present: bool = conn.query_row(
         "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
@@ -225,7 +226,7 @@ fn add_column(conn: &Connection, table: &str, column: &str) -> Result<()> {
     if !present {
         conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column}"))?;
     }
-    Ok(())
+    Ok(!present)
 }
 
 /// The dedup record. Rows are appended in id order, and only the narrow `(app, msg_id)` index
@@ -272,8 +273,29 @@ fn migrate_messages(conn: &Connection) -> Result<()> {
              DROP TABLE messages_keyed;",
         )?;
     }
-    conn.execute_batch("CREATE INDEX IF NOT EXISTS messages_received ON messages(received_ms);")?;
+    // Purges go by id now; the index by time only cost every commit a page.
+    conn.execute_batch("DROP INDEX IF EXISTS messages_received;")?;
     Ok(())
+}
+
+/// Removes the answered dedup rows older than `before_ms`, oldest row first, up to the first
+/// one from `before_ms` on (which only the rows before it are read to find), and returns how
+/// many. A row's age is the gateway's clock when it was stored, so rows are old in the order
+/// they were written, give or take the moments their writes waited. A message not yet answered
+/// keeps its row whatever its age.
+fn purge_dedup(conn: &Connection, before_ms: i64) -> Result<u64> {
+    let keep_from: i64 = conn
+        .prepare_cached("SELECT id FROM messages WHERE received_ms >= ?1 ORDER BY id LIMIT 1")?
+        .query_row([before_ms], |row| row.get(0))
+        .optional()?
+        .unwrap_or(i64::MAX);
+    let removed = conn
+        .prepare_cached(
+            "DELETE FROM messages WHERE id < ?1
+             AND (response IS NOT NULL OR history_id IS NOT NULL)",
+        )?
+        .execute([keep_from])?;
+    Ok(removed as u64)
 }
 
 /// A new random file id: `f` and 128 bits in hex.
@@ -625,7 +647,7 @@ impl Store for SqliteStore {
             let mut statement = conn.prepare_cached(
                 "SELECT app, inbound FROM messages
                  WHERE response IS NULL AND history_id IS NULL AND deferred_until IS NULL
-                 ORDER BY received_ms",
+                 ORDER BY id",
             )?;
             let rows = statement
                 .query_map([], |row| {
@@ -706,12 +728,7 @@ impl Store for SqliteStore {
         Box::pin(async move {
             let (mut purged, expired_files) = self
                 .run(move |database| {
-                    let dedup = database
-                        .prepare_cached(
-                            "DELETE FROM messages WHERE received_ms < ?1
-                             AND (response IS NOT NULL OR history_id IS NOT NULL)",
-                        )?
-                        .execute([before.dedup])? as u64;
+                    let dedup = purge_dedup(database, before.dedup)?;
                     let Database { conn, history } = database;
                     let history = history.purge(conn, before.history)?;
                     let outbox_expired = conn

@@ -827,6 +827,39 @@ async fn purge_forgets_old_answered_messages_but_keeps_pending_ones() {
 }
 
 #[tokio::test]
+async fn purge_forgets_dedup_rows_oldest_first_up_to_the_first_inside_the_window() {
+    let (_dir, store) = fresh();
+    let cut = NOW;
+    // "late" was stored after "inside" with an earlier clock reading (a write that waited): it
+    // goes with its neighbours, never before them.
+    for (msg_id, received_ms) in [("old", cut - 10), ("inside", cut), ("late", cut - 10)] {
+        store
+            .claim("shop", msg_id, "i".into(), received_ms)
+            .await
+            .unwrap();
+        store
+            .complete(completion("shop", msg_id, &format!("r-{msg_id}"), vec![]))
+            .await
+            .unwrap();
+    }
+    let dedup_before = |dedup| PurgeBefore {
+        dedup,
+        history: 0,
+        outbox: 0,
+        files: 0,
+    };
+    assert_eq!(store.purge(dedup_before(cut)).await.unwrap().dedup, 1);
+    let resend = |msg_id: &'static str| store.claim("shop", msg_id, "again".into(), cut + 1);
+    assert_eq!(resend("old").await.unwrap(), Claim::New);
+    assert_eq!(
+        resend("late").await.unwrap(),
+        Claim::Answered("r-late".into())
+    );
+    assert_eq!(store.purge(dedup_before(cut + 1)).await.unwrap().dedup, 2);
+    assert_eq!(resend("inside").await.unwrap(), Claim::New);
+}
+
+#[tokio::test]
 async fn purge_removes_expired_outbox_entries_and_reports_them_per_app() {
     let (_dir, store) = fresh();
     let cut = NOW;
@@ -906,20 +939,21 @@ async fn purge_counts_history_before_the_cut_off() {
             "shop",
             "m1",
             "r",
-            vec![
-                history("c1", cut - 20, "q"),
-                history("c1", cut - 10, "a"),
-                history("c2", cut, "kept"),
-            ],
+            vec![history("c1", cut - 20, "q"), history("c1", cut - 10, "a")],
         ))
         .await
         .unwrap();
+    // Entries are purged oldest first, up to the first one inside the window.
     store
         .complete(completion(
             "blog",
             "m1",
             "r",
-            vec![history("c9", cut - 1, "q"), history("c9", cut + 5, "kept")],
+            vec![
+                history("c9", cut - 1, "q"),
+                history("c9", cut + 5, "kept"),
+                history("c8", cut, "kept"),
+            ],
         ))
         .await
         .unwrap();

@@ -1,18 +1,24 @@
-//! Conversation history, and its lookup by conversation kept off the per-commit path.
+//! Conversation history, kept so that a commit writes only the end of the table.
 //!
-//! History rows are appended in id order, which costs a commit only the table's last page. An
-//! ordinary index on (app, conversation) would instead put every new entry at the place of its
-//! conversation: one page per conversation in every commit, so under load with thousands of
-//! conversations, one 4 KiB page written to the WAL (and later checkpointed) per message. That
-//! was most of the store's work.
+//! History rows are appended in id order, which costs a commit only the table's last page.
+//! Any index over them that is ordered by conversation puts each new entry at its
+//! conversation's place: with thousands of conversations, a page per message, either at commit
+//! (an ordinary index) or at each merge of an index kept in memory in between, whose merges
+//! then grew with the history and took a fifth of the gateway's throughput.
 //!
-//! So the index is kept lazily. `history_index` holds the entries of rows up to a watermark
-//! (`history_indexed_through` in `store_meta`); the rows after it, the tail, are indexed in
-//! memory, and merged into `history_index` in key order once there are enough of them (see
-//! [`DEFAULT_HISTORY_MERGE_ROWS`]): a merge writes each active conversation's page once for
-//! all its tail entries. The tail is derived state: whenever its agreement with the database
+//! So nothing indexes the entries. Each row names the previous entry of its conversation
+//! (`prev`), and a conversation's history is read from its newest entry back. Only the newest
+//! entry, the head, is indexed: `history_heads` holds one row per conversation, current up to
+//! a watermark (`history_heads_through` in `store_meta`); the heads that moved after it are
+//! kept in memory, the tail, and written into `history_heads` once enough rows have been
+//! appended (see [`DEFAULT_HISTORY_MERGE_ROWS`]). The table grows with the conversations, not
+//! with their messages. The tail is derived state: whenever its agreement with the database
 //! is in doubt (a rollback, a purge) it is read back from the rows after the watermark, which
 //! is also how a restart, after `kill -9` or not, finds it.
+//!
+//! Entries are purged oldest row first, up to the first one inside the retention window, so
+//! the entries a conversation keeps are always the newest ones: every chain ends where the
+//! purge stopped, and no entry is left unreachable behind a purged one.
 
 use std::collections::BTreeMap;
 
@@ -20,17 +26,17 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 use crate::{HistoryEntry, Result};
 
-/// How many rows the in-memory tail holds, by default, before it is merged into
-/// `history_index`. A larger tail makes each active conversation's index page be written for
-/// more entries at once, and costs memory (8 bytes a row plus a key per conversation), a
-/// longer merge (one transaction, run between batches, that holds up the batch after it) and a
-/// longer read of the tail at start-up.
+/// How many rows are appended, by default, before the heads that moved are written into
+/// `history_heads`. A larger tail writes a busy conversation's head once for more entries, and
+/// costs memory (a key and 8 bytes per conversation that moved), a longer merge (one
+/// transaction, run between batches, that holds up the batch after it) and a longer read of the
+/// rows after the watermark at start-up.
 pub const DEFAULT_HISTORY_MERGE_ROWS: usize = 32_768;
 
-/// The `store_meta` key of the last history id whose entry is in `history_index`.
-const WATERMARK_KEY: &str = "history_indexed_through";
+/// The `store_meta` key of the last history id whose conversation's head `history_heads` has.
+const WATERMARK_KEY: &str = "history_heads_through";
 
-/// Creates the history tables, and moves a database from before the lazy index over to it.
+/// Creates the history tables, and moves a database from an earlier layout over to them.
 pub(super) fn migrate(conn: &Connection) -> Result<()> {
     create(conn)?;
     // A table from before an entry held its reply, or before a dedup row could point at it,
@@ -38,26 +44,17 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
     // back in the same order).
     super::add_column(conn, "history", "reply TEXT")?;
     super::add_column(conn, "history", "message_id INTEGER")?;
-    if watermark(conn)?.is_none() {
-        // New, or from before the lazy index: the rows there are indexed once, here, and the
-        // ordinary index on the conversation, which cost a page per message, goes.
-        conn.execute_batch(
-            "DROP INDEX IF EXISTS history_conversation;
-             INSERT INTO history_index (app, conversation, id)
-             SELECT app, conversation, id FROM history;",
-        )?;
-        let through: i64 =
-            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM history", [], |row| {
-                row.get(0)
-            })?;
-        set_watermark(conn, through)?;
+    if super::add_column(conn, "history", "prev INTEGER")? {
+        chain(conn)?;
     }
+    // Purges go by id now; the index by time only cost every commit a page.
+    conn.execute_batch("DROP INDEX IF EXISTS history_at;")?;
     Ok(())
 }
 
-/// The history tables. Ids come from [`HistoryIndex::next_id`], never from SQLite: an id must
-/// never be handed out twice, since a row at or below the watermark is assumed to be in
-/// `history_index` already (tables made before that keep their `AUTOINCREMENT`, harmlessly).
+/// The history tables. Ids come from [`HistoryHeads::next_id`], never from SQLite: an id must
+/// never be handed out twice, since a `prev` or a head naming a purged row must not come to
+/// name another (tables made before that keep their `AUTOINCREMENT`, harmlessly).
 /// `message_id` is the dedup row (`messages.id`) whose response is this entry's reply, stored
 /// here only.
 fn create(conn: &Connection) -> Result<()> {
@@ -69,17 +66,40 @@ fn create(conn: &Connection) -> Result<()> {
             at_ms INTEGER NOT NULL,
             message TEXT NOT NULL,
             reply TEXT,
-            message_id INTEGER
+            message_id INTEGER,
+            prev INTEGER
         );
-        CREATE INDEX IF NOT EXISTS history_at ON history(at_ms);
-        CREATE TABLE IF NOT EXISTS history_index (
+        CREATE TABLE IF NOT EXISTS history_heads (
             app TEXT NOT NULL,
             conversation TEXT NOT NULL,
-            id INTEGER NOT NULL,
-            PRIMARY KEY (app, conversation, id)
+            head INTEGER NOT NULL,
+            PRIMARY KEY (app, conversation)
         ) WITHOUT ROWID;",
     )?;
     Ok(())
+}
+
+/// Links the rows of a table from an earlier layout (indexed by conversation, in a table of
+/// its own or an ordinary index) into chains, records each conversation's head, and drops the
+/// earlier index. Runs once, inside the migration's transaction.
+fn chain(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE INDEX history_chaining ON history(app, conversation, id);
+         UPDATE history SET prev = (
+             SELECT MAX(earlier.id) FROM history earlier
+             WHERE earlier.app = history.app AND earlier.conversation = history.conversation
+               AND earlier.id < history.id);
+         INSERT INTO history_heads (app, conversation, head)
+             SELECT app, conversation, MAX(id) FROM history GROUP BY app, conversation;
+         DROP INDEX history_chaining;
+         DROP INDEX IF EXISTS history_conversation;
+         DROP TABLE IF EXISTS history_index;
+         DELETE FROM store_meta WHERE key = 'history_indexed_through';",
+    )?;
+    let through: i64 = conn.query_row("SELECT COALESCE(MAX(id), 0) FROM history", [], |row| {
+        row.get(0)
+    })?;
+    set_watermark(conn, through)
 }
 
 fn watermark(conn: &Connection) -> Result<Option<i64>> {
@@ -98,37 +118,38 @@ fn set_watermark(conn: &Connection, through: i64) -> Result<()> {
     Ok(())
 }
 
-/// The history ids of each conversation after the watermark, oldest first, by app, then by
-/// conversation: the order a merge inserts them in.
-type Tail = BTreeMap<String, BTreeMap<String, Vec<i64>>>;
+/// The head of each conversation that moved after the watermark, by app, then by
+/// conversation: the order a merge writes them in.
+type Tail = BTreeMap<String, BTreeMap<String, i64>>;
 
-/// The in-memory part of the conversation index: the tail's entries.
+/// The in-memory part of the conversation heads: the tail.
 ///
-/// Entries join the tail as their rows are inserted. Statements rolled back take their rows
-/// with them, so the writer then reads the tail back ([`HistoryIndex::reload`]): the ids those
-/// rows took are handed out again, and an entry must never point at another conversation's
-/// row.
+/// A conversation's head moves as its rows are inserted. Statements rolled back take their
+/// rows with them, so the writer then reads the tail back ([`HistoryHeads::reload`]): the ids
+/// those rows took are handed out again, and a head must never point at another
+/// conversation's row.
 #[derive(Debug)]
-pub(super) struct HistoryIndex {
+pub(super) struct HistoryHeads {
     tail: Tail,
+    /// Rows appended after the watermark.
     rows: usize,
-    /// The number of tail rows at which the tail is merged.
+    /// The number of rows after the watermark at which the tail is merged.
     merge_rows: usize,
     /// The id of the next entry: above every row's and the watermark.
     next_id: i64,
 }
 
-impl HistoryIndex {
+impl HistoryHeads {
     /// Reads the tail back from the rows after the watermark.
     pub(super) fn load(conn: &Connection, merge_rows: usize) -> Result<Self> {
-        let mut index = Self {
+        let mut heads = Self {
             tail: Tail::new(),
             rows: 0,
             merge_rows,
             next_id: 1,
         };
-        index.reload(conn)?;
-        Ok(index)
+        heads.reload(conn)?;
+        Ok(heads)
     }
 
     /// Replaces the tail with what the database holds after the watermark.
@@ -142,7 +163,7 @@ impl HistoryIndex {
         let mut rows = rows.query([through])?;
         while let Some(row) = rows.next()? {
             let (app, conversation): (String, String) = (row.get(0)?, row.get(1)?);
-            self.push(&app, &conversation, row.get(2)?);
+            self.moved(&app, &conversation, row.get(2)?);
         }
         let last: Option<i64> = conn
             .prepare_cached("SELECT MAX(id) FROM history")?
@@ -157,19 +178,38 @@ impl HistoryIndex {
         self.next_id
     }
 
-    /// Adds an entry to the tail; allocates only for a conversation new to it.
-    fn push(&mut self, app: &str, conversation: &str, id: i64) {
-        let new = || BTreeMap::from([(conversation.to_owned(), vec![id])]);
+    /// Records that `id` is the newest entry of the conversation; allocates only for a
+    /// conversation new to the tail.
+    fn moved(&mut self, app: &str, conversation: &str, id: i64) {
         match self.tail.get_mut(app) {
             None => {
-                self.tail.insert(app.to_owned(), new());
+                let conversations = BTreeMap::from([(conversation.to_owned(), id)]);
+                self.tail.insert(app.to_owned(), conversations);
             }
             Some(conversations) => match conversations.get_mut(conversation) {
-                Some(ids) => ids.push(id),
-                None => conversations.extend(new()),
+                Some(head) => *head = id,
+                None => {
+                    conversations.insert(conversation.to_owned(), id);
+                }
             },
         }
         self.rows += 1;
+    }
+
+    /// The id of the conversation's newest entry: in the tail if it moved after the
+    /// watermark, else in `history_heads`.
+    fn head(&self, conn: &Connection, app: &str, conversation: &str) -> Result<Option<i64>> {
+        if let Some(&head) = self
+            .tail
+            .get(app)
+            .and_then(|conversations| conversations.get(conversation))
+        {
+            return Ok(Some(head));
+        }
+        Ok(conn
+            .prepare_cached("SELECT head FROM history_heads WHERE app = ?1 AND conversation = ?2")?
+            .query_row(params![app, conversation], |row| row.get(0))
+            .optional()?)
     }
 
     /// Appends entries to the history of the app's conversations.
@@ -185,7 +225,7 @@ impl HistoryIndex {
     }
 
     /// Appends an entry whose reply is also the response of the dedup row `message_id`,
-    /// which points back at it (as [`HistoryIndex::next_id`]) instead of holding a copy.
+    /// which points back at it (as [`HistoryHeads::next_id`]) instead of holding a copy.
     pub(super) fn append_reply_of(
         &mut self,
         conn: &Connection,
@@ -203,9 +243,10 @@ impl HistoryIndex {
         entry: &HistoryEntry,
         message_id: Option<i64>,
     ) -> Result<()> {
+        let prev = self.head(conn, app, &entry.conversation)?;
         conn.prepare_cached(
-            "INSERT INTO history (id, app, conversation, at_ms, message, reply, message_id)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            "INSERT INTO history (id, app, conversation, at_ms, message, reply, message_id, prev)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
         )?
         .execute(params![
             self.next_id,
@@ -214,15 +255,17 @@ impl HistoryIndex {
             entry.at_ms,
             entry.message,
             entry.reply,
-            message_id
+            message_id,
+            prev
         ])?;
-        self.push(app, &entry.conversation, self.next_id);
+        self.moved(app, &entry.conversation, self.next_id);
         self.next_id += 1;
         Ok(())
     }
 
-    /// The last `limit` messages of a conversation, as JSON text, oldest first. Every entry
-    /// holds at least one message, so the last `limit` entries hold them all.
+    /// The last `limit` messages of a conversation, as JSON text, oldest first, read from
+    /// its newest entry back. The walk ends at the first entry that is gone (purged: all
+    /// older ones are too).
     pub(super) fn read(
         &self,
         conn: &Connection,
@@ -230,102 +273,97 @@ impl HistoryIndex {
         conversation: &str,
         limit: usize,
     ) -> Result<Vec<String>> {
-        let recent = self
-            .tail
-            .get(app)
-            .and_then(|conversations| conversations.get(conversation))
-            .map_or(&[][..], Vec::as_slice);
-        let mut ids = Vec::with_capacity(limit.min(recent.len() + 16));
-        let older = limit.saturating_sub(recent.len());
-        if older > 0 {
-            let mut indexed = conn.prepare_cached(
-                "SELECT id FROM history_index WHERE app = ?1 AND conversation = ?2
-                 ORDER BY id DESC LIMIT ?3",
-            )?;
-            let newest_first = indexed
-                .query_map(params![app, conversation, older as i64], |row| row.get(0))?
-                .collect::<rusqlite::Result<Vec<i64>>>()?;
-            ids.extend(newest_first.into_iter().rev());
-        }
-        ids.extend_from_slice(&recent[recent.len().saturating_sub(limit)..]);
-        // The row's own app and conversation are checked too: an index entry is only ever a
-        // pointer, and a pointer must not be able to show one conversation another's messages.
+        // The row's own app and conversation are checked too: a `prev` or a head is only ever
+        // a pointer, and a pointer must not be able to show one conversation another's
+        // messages.
         let mut entry = conn.prepare_cached(
-            "SELECT message, reply FROM history WHERE id = ?1 AND app = ?2 AND conversation = ?3",
+            "SELECT message, reply, prev FROM history WHERE id = ?1 AND app = ?2 AND conversation = ?3",
         )?;
-        let mut messages = Vec::with_capacity(ids.len() * 2);
-        for id in ids {
+        let mut newest_first = Vec::with_capacity(limit.min(64));
+        let mut next = self.head(conn, app, conversation)?;
+        while let Some(id) = next
+            && newest_first.len() < limit
+        {
             let found = entry
                 .query_row(params![id, app, conversation], |row| {
-                    Ok((row.get(0)?, row.get::<_, Option<String>>(1)?))
+                    Ok((
+                        row.get::<_, String>(0)?,
+                        row.get::<_, Option<String>>(1)?,
+                        row.get::<_, Option<i64>>(2)?,
+                    ))
                 })
                 .optional()?;
-            if let Some((message, reply)) = found {
-                messages.push(message);
-                messages.extend(reply);
-            }
+            let Some((message, reply, prev)) = found else {
+                break;
+            };
+            newest_first.extend(reply);
+            newest_first.push(message);
+            // Each entry names an earlier one: no chain, however damaged, can loop.
+            next = prev.filter(|&prev| prev < id);
         }
-        messages.drain(..messages.len().saturating_sub(limit));
-        Ok(messages)
+        newest_first.truncate(limit);
+        newest_first.reverse();
+        Ok(newest_first)
     }
 
-    /// Removes history entries from before `before_ms`, with their index entries; returns
-    /// how many. The tail is read back afterwards. Both deletes run inside SQLite, so a purge
-    /// of millions of rows (after a long stop) holds none of them in memory.
+    /// Removes the oldest history entries, up to the first one from `before_ms` on; returns
+    /// how many. The tail is read back afterwards. Every statement runs inside SQLite, so a
+    /// purge of millions of rows (after a long stop) holds none of them in memory.
+    ///
+    /// An entry's age is the gateway's clock when it was stored, so entries are old in the
+    /// order they were written, give or take the moments their writes waited; one written
+    /// out of that order is purged with its neighbours.
     pub(super) fn purge(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
+        // Rows are read in id order only up to the first one to keep.
+        let keep_from: i64 = conn
+            .prepare_cached("SELECT id FROM history WHERE at_ms >= ?1 ORDER BY id LIMIT 1")?
+            .query_row([before_ms], |row| row.get(0))
+            .optional()?
+            .unwrap_or(self.next_id);
         // A dedup row still inside its window keeps its response: the reply goes back into it.
         conn.prepare_cached(
             "UPDATE messages SET response = h.reply, history_id = NULL
              FROM history h
-             WHERE h.at_ms < ?1 AND h.message_id IS NOT NULL
+             WHERE h.id < ?1 AND h.message_id IS NOT NULL
                AND messages.id = h.message_id AND messages.history_id = h.id",
         )?
-        .execute([before_ms])?;
-        conn.prepare_cached(
-            "DELETE FROM history_index WHERE (app, conversation, id) IN
-                (SELECT app, conversation, id FROM history WHERE at_ms < ?1)",
-        )?
-        .execute([before_ms])?;
+        .execute([keep_from])?;
         let removed = conn
-            .prepare_cached("DELETE FROM history WHERE at_ms < ?1")?
-            .execute([before_ms])?;
+            .prepare_cached("DELETE FROM history WHERE id < ?1")?
+            .execute([keep_from])?;
+        conn.prepare_cached("DELETE FROM history_heads WHERE head < ?1")?
+            .execute([keep_from])?;
         self.reload(conn)?;
         Ok(removed as u64)
     }
 
-    /// How many rows the tail holds.
+    /// How many rows were appended after the watermark.
     pub(super) fn rows(&self) -> usize {
         self.rows
     }
 
-    /// Whether the tail is due to be merged into `history_index`.
+    /// Whether the tail is due to be merged into `history_heads`.
     pub(super) fn merge_due(&self) -> bool {
         self.rows >= self.merge_rows
     }
 
-    /// Writes the tail's entries into `history_index` in key order and moves the watermark past
-    /// them, in the caller's transaction. The tail is emptied only by
-    /// [`HistoryIndex::merged`], once that transaction has committed.
+    /// Writes the tail's heads into `history_heads` in key order and moves the watermark past
+    /// every row appended, in the caller's transaction. The tail is emptied only by
+    /// [`HistoryHeads::merged`], once that transaction has committed.
     pub(super) fn merge(&self, conn: &Connection) -> Result<()> {
-        let mut insert = conn.prepare_cached(
-            "INSERT OR IGNORE INTO history_index (app, conversation, id) VALUES (?1, ?2, ?3)",
+        let mut upsert = conn.prepare_cached(
+            "INSERT INTO history_heads (app, conversation, head) VALUES (?1, ?2, ?3)
+             ON CONFLICT (app, conversation) DO UPDATE SET head = excluded.head",
         )?;
-        let mut through = None;
         for (app, conversations) in &self.tail {
-            for (conversation, ids) in conversations {
-                for &id in ids {
-                    insert.execute(params![app, conversation, id])?;
-                    through = through.max(Some(id));
-                }
+            for (conversation, &head) in conversations {
+                upsert.execute(params![app, conversation, head])?;
             }
         }
-        if let Some(through) = through {
-            set_watermark(conn, through)?;
-        }
-        Ok(())
+        set_watermark(conn, self.next_id - 1)
     }
 
-    /// The merge committed: the tail is in `history_index` now.
+    /// The merge committed: `history_heads` has the tail's heads now.
     pub(super) fn merged(&mut self) {
         self.tail.clear();
         self.rows = 0;

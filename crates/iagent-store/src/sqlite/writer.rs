@@ -14,14 +14,14 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::MAX_BATCH;
-use super::history::HistoryIndex;
+use super::history::HistoryHeads;
 use crate::{HistoryEntry, Result, StoreError};
 
 /// What the writer thread owns: the connection, and the state derived from the database that
 /// is kept in memory (see [`super::history`]).
 pub(super) struct Database {
     pub(super) conn: Connection,
-    pub(super) history: HistoryIndex,
+    pub(super) history: HistoryHeads,
 }
 
 impl Database {
@@ -40,7 +40,7 @@ impl Database {
             .append_reply_of(&self.conn, app, entry, message_id)
     }
 
-    /// Reads the history index's tail back after a rollback, so that it says again what the
+    /// Reads the history heads' tail back after a rollback, so that it says again what the
     /// database holds.
     fn reload_history(&mut self) -> Result<()> {
         self.history.reload(&self.conn)
@@ -94,7 +94,7 @@ where
     F: FnMut(&mut Database) -> Result<T> + Send,
 {
     fn attempt(&mut self, database: &mut Database, isolated: bool) -> bool {
-        // Bare, a failure rolls the whole batch back, and the history index's tail is read back.
+        // Bare, a failure rolls the whole batch back, and the history heads' tail is read back.
         let outcome = if isolated {
             in_savepoint(database, &mut self.work)
         } else {
@@ -152,7 +152,7 @@ pub(super) fn write_loop(mut database: Database, mut queue: mpsc::Receiver<Box<d
         }
         // After the callers have their answers, so that a merge never delays them.
         if database.history.merge_due() {
-            merge_history_index(&mut database);
+            merge_history_heads(&mut database);
         }
     }
 }
@@ -184,13 +184,13 @@ fn rollback(database: &mut Database) {
         tracing::error!(error = %err, "store rollback failed");
     }
     if let Err(err) = database.reload_history() {
-        tracing::error!(error = %err, "history index tail could not be read back");
+        tracing::error!(error = %err, "history heads tail could not be read back");
     }
 }
 
-/// Merges the history index's tail into the database in a transaction of its own, so that a
+/// Merges the history heads' tail into the database in a transaction of its own, so that a
 /// failure costs no caller its write; the merge is then tried again after the next batch.
-fn merge_history_index(database: &mut Database) {
+fn merge_history_heads(database: &mut Database) {
     let merge = |database: &Database| -> Result<()> {
         database.execute_batch("BEGIN IMMEDIATE")?;
         database.history.merge(database)?;
@@ -203,12 +203,12 @@ fn merge_history_index(database: &mut Database) {
             tracing::debug!(
                 rows = database.history.rows(),
                 ms = started.elapsed().as_millis(),
-                "history index merged"
+                "history heads merged"
             );
             database.history.merged();
         }
         Err(err) => {
-            tracing::error!(error = %err, "history index merge failed; tried again later");
+            tracing::error!(error = %err, "history heads merge failed; tried again later");
             rollback(database);
         }
     }

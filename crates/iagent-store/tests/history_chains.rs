@@ -1,6 +1,7 @@
-//! The conversation index kept lazily (see the store's `sqlite::history` module): with a merge
-//! every few rows, reads must join the merged index and the in-memory tail exactly, and the
-//! tail must come back from the database after a reopen, a purge or a migration.
+//! History kept as chains (see the store's `sqlite::history` module): each entry names the one
+//! before it in its conversation, and only the conversations' heads are indexed, in memory
+//! after a watermark and merged every few rows. Reads must follow the chains across merges,
+//! reopens, purges and migrations exactly.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -115,54 +116,104 @@ async fn the_unmerged_tail_survives_a_reopen() {
     assert_eq!(store.history("shop", "a", 100).await.unwrap(), expected[0]);
 }
 
-#[tokio::test]
-async fn purged_entries_leave_both_the_merged_index_and_the_tail() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = open(dir.path(), 3);
-    let mut messages = Vec::new();
-    for n in 0..8 {
-        // Every other message is old enough to be purged.
-        let at_ms = if n % 2 == 0 { NOW - 10_000 } else { NOW };
-        let message = format!("m{n}");
-        append(&store, "a", at_ms, message.clone()).await;
-        messages.push(message);
-    }
-    assert_eq!(purge_history_before(&store, NOW - 1).await, 4);
-    let kept = ["m1", "m3", "m5", "m7"];
-    assert_eq!(store.history("shop", "a", 10).await.unwrap(), kept);
-    // Reads skip index entries whose rows are gone, so look at the index itself: the merged
-    // entries of purged rows went with them.
+/// The `history_heads` rows, as (conversation, head id).
+fn heads(store: &SqliteStore) -> Vec<(String, i64)> {
     let conn = rusqlite::Connection::open(store.path()).unwrap();
-    let indexed: Vec<i64> = conn
-        .prepare("SELECT id FROM history_index ORDER BY id")
+    conn.prepare("SELECT conversation, head FROM history_heads ORDER BY conversation")
         .unwrap()
-        .query_map([], |row| row.get(0))
+        .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
         .unwrap()
         .collect::<Result<_, _>>()
-        .unwrap();
-    assert_eq!(indexed, [2, 4, 6], "the merged entries of m1, m3 and m5");
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_purge_removes_the_oldest_entries_and_the_heads_of_conversations_it_empties() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 3);
+    // Conversation "gone" has only old entries; "a" has old ones, then new ones.
+    for (conversation, at_ms, message) in [
+        ("a", NOW - 10_000, "a-old-1"),
+        ("gone", NOW - 10_000, "gone-1"),
+        ("a", NOW - 10_000, "a-old-2"),
+        ("gone", NOW - 10_000, "gone-2"),
+        ("a", NOW, "a-new-1"),
+        ("b", NOW, "b-new"),
+        ("a", NOW, "a-new-2"),
+    ] {
+        append(&store, conversation, at_ms, message.into()).await;
+    }
+    assert_eq!(purge_history_before(&store, NOW - 1).await, 4);
+    let kept = ["a-new-1", "a-new-2"];
+    assert_eq!(store.history("shop", "a", 10).await.unwrap(), kept);
+    assert!(store.history("shop", "gone", 10).await.unwrap().is_empty());
+    // "gone" was merged (its head is row 4, at or below the watermark of 6): its head row went
+    // with its entries, so the table keeps one row per conversation that still has history.
+    assert!(
+        heads(&store)
+            .iter()
+            .all(|(conversation, _)| conversation != "gone")
+    );
     drop(store);
     let store = open(dir.path(), 3);
     assert_eq!(store.history("shop", "a", 10).await.unwrap(), kept);
+    assert_eq!(store.history("shop", "b", 10).await.unwrap(), ["b-new"]);
+    append(&store, "gone", NOW, "gone-again".into()).await;
+    assert_eq!(
+        store.history("shop", "gone", 10).await.unwrap(),
+        ["gone-again"]
+    );
+}
+
+#[tokio::test]
+async fn a_purge_stops_at_the_first_entry_inside_the_window() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 100);
+    // An entry stored out of time order (older than the one before it) is purged with its
+    // neighbours, never before them: the entries a conversation keeps are its newest.
+    for (at_ms, message) in [
+        (NOW - 10_000, "old"),
+        (NOW, "new-1"),
+        (NOW - 10_000, "late"),
+        (NOW, "new-2"),
+    ] {
+        append(&store, "a", at_ms, message.into()).await;
+    }
+    assert_eq!(purge_history_before(&store, NOW - 1).await, 1);
+    assert_eq!(
+        store.history("shop", "a", 10).await.unwrap(),
+        ["new-1", "late", "new-2"]
+    );
+    assert_eq!(purge_history_before(&store, NOW + 1).await, 3);
+    assert!(store.history("shop", "a", 10).await.unwrap().is_empty());
 }
 
 #[tokio::test]
 async fn ids_of_purged_rows_are_never_handed_out_again() {
     let dir = tempfile::tempdir().unwrap();
     let store = open(dir.path(), 2);
-    append(&store, "a", NOW, "kept".into()).await;
-    // The newest row, merged into the index, then purged: a table that reused its id would
-    // give it to the next row, below the merge watermark, where a restart never looks for it.
-    append(&store, "b", NOW - 10_000, "purged".into()).await;
-    purge_history_before(&store, NOW - 1).await;
+    // Both rows merged (the watermark is at 2), then purged: a table that reused their ids
+    // would give id 1 to the next row, below the watermark, where a restart never looks for
+    // a head.
+    append(&store, "a", NOW - 10_000, "purged-a".into()).await;
+    append(&store, "b", NOW - 10_000, "purged-b".into()).await;
+    assert_eq!(purge_history_before(&store, NOW - 1).await, 2);
     append(&store, "a", NOW, "after".into()).await;
     drop(store);
     let store = open(dir.path(), 2);
-    assert_eq!(
-        store.history("shop", "a", 10).await.unwrap(),
-        ["kept", "after"]
-    );
+    assert_eq!(store.history("shop", "a", 10).await.unwrap(), ["after"]);
     assert!(store.history("shop", "b", 10).await.unwrap().is_empty());
+}
+
+/// Whether the database still has a table or an index of this name.
+fn has(store: &SqliteStore, name: &str) -> bool {
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = ?1)",
+        [name],
+        |row| row.get(0),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -190,16 +241,10 @@ async fn a_database_with_the_earlier_conversation_index_is_moved_over() {
         store.history("shop", "a", 10).await.unwrap(),
         ["old-1", "old-2"]
     );
-    // The ordinary index on the conversation, a page written per message, is gone.
-    let conn = rusqlite::Connection::open(store.path()).unwrap();
-    let kept: bool = conn
-        .query_row(
-            "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE name = 'history_conversation')",
-            [],
-            |row| row.get(0),
-        )
-        .unwrap();
-    assert!(!kept);
+    // The indexes on the conversation and on time, each a page written per message, are gone.
+    assert!(!has(&store, "history_conversation"));
+    assert!(!has(&store, "history_at"));
+    assert_eq!(heads(&store), [("a".to_owned(), 3), ("b".to_owned(), 2)]);
     append(&store, "a", NOW, "new".into()).await;
     drop(store);
     let store = open(dir.path(), 2);
@@ -296,7 +341,7 @@ async fn an_entry_reads_back_as_its_message_then_its_reply_and_limits_count_mess
 }
 
 #[tokio::test]
-async fn a_database_from_before_entries_held_replies_keeps_its_messages() {
+async fn a_database_with_the_lazy_conversation_index_keeps_its_messages() {
     let dir = tempfile::tempdir().unwrap();
     {
         let conn = rusqlite::Connection::open(dir.path().join("iagent.sqlite3")).unwrap();
@@ -324,6 +369,7 @@ async fn a_database_from_before_entries_held_replies_keeps_its_messages() {
         .unwrap();
     }
     let store = open(dir.path(), 100);
+    assert!(!has(&store, "history_index"));
     let entry = HistoryEntry {
         reply: Some("new reply".into()),
         ..entry("a", NOW, "new".into())
