@@ -118,6 +118,14 @@ fn set_watermark(conn: &Connection, through: i64) -> Result<()> {
     Ok(())
 }
 
+/// The conversation's head as of the watermark.
+fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT head FROM history_heads WHERE app = ?1 AND conversation = ?2")?
+        .query_row(params![app, conversation], |row| row.get(0))
+        .optional()?)
+}
+
 /// The head of each conversation that moved after the watermark, by app, then by
 /// conversation: the order a merge writes them in.
 type Tail = BTreeMap<String, BTreeMap<String, i64>>;
@@ -178,38 +186,35 @@ impl HistoryHeads {
         self.next_id
     }
 
-    /// Records that `id` is the newest entry of the conversation; allocates only for a
-    /// conversation new to the tail.
-    fn moved(&mut self, app: &str, conversation: &str, id: i64) {
+    /// Records that `id` is the newest entry of the conversation, and returns the entry it
+    /// replaces in the tail, if the conversation moved after the watermark before; allocates
+    /// only for a conversation new to the tail.
+    fn moved(&mut self, app: &str, conversation: &str, id: i64) -> Option<i64> {
+        self.rows += 1;
         match self.tail.get_mut(app) {
             None => {
                 let conversations = BTreeMap::from([(conversation.to_owned(), id)]);
                 self.tail.insert(app.to_owned(), conversations);
+                None
             }
             Some(conversations) => match conversations.get_mut(conversation) {
-                Some(head) => *head = id,
-                None => {
-                    conversations.insert(conversation.to_owned(), id);
-                }
+                Some(head) => Some(std::mem::replace(head, id)),
+                None => conversations.insert(conversation.to_owned(), id),
             },
         }
-        self.rows += 1;
     }
 
     /// The id of the conversation's newest entry: in the tail if it moved after the
     /// watermark, else in `history_heads`.
     fn head(&self, conn: &Connection, app: &str, conversation: &str) -> Result<Option<i64>> {
-        if let Some(&head) = self
+        match self
             .tail
             .get(app)
             .and_then(|conversations| conversations.get(conversation))
         {
-            return Ok(Some(head));
+            Some(&head) => Ok(Some(head)),
+            None => merged_head(conn, app, conversation),
         }
-        Ok(conn
-            .prepare_cached("SELECT head FROM history_heads WHERE app = ?1 AND conversation = ?2")?
-            .query_row(params![app, conversation], |row| row.get(0))
-            .optional()?)
     }
 
     /// Appends entries to the history of the app's conversations.
@@ -243,7 +248,13 @@ impl HistoryHeads {
         entry: &HistoryEntry,
         message_id: Option<i64>,
     ) -> Result<()> {
-        let prev = self.head(conn, app, &entry.conversation)?;
+        // The tail moves first, so that one lookup both finds the previous head and replaces
+        // it. Should the insert then fail, the job's rows were counted and the writer reads the
+        // tail back, as after any failing job that appended history.
+        let prev = match self.moved(app, &entry.conversation, self.next_id) {
+            Some(prev) => Some(prev),
+            None => merged_head(conn, app, &entry.conversation)?,
+        };
         conn.prepare_cached(
             "INSERT INTO history (id, app, conversation, at_ms, message, reply, message_id, prev)
              VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
@@ -258,7 +269,6 @@ impl HistoryHeads {
             message_id,
             prev
         ])?;
-        self.moved(app, &entry.conversation, self.next_id);
         self.next_id += 1;
         Ok(())
     }
