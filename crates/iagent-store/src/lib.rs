@@ -17,7 +17,9 @@ pub mod token;
 use std::future::Future;
 use std::pin::Pin;
 
-pub use sqlite::{DEFAULT_HISTORY_MERGE_ROWS, Durability, Options, SqliteStore};
+pub use sqlite::{
+    DEFAULT_DEDUP_MERGE_ROWS, DEFAULT_HISTORY_MERGE_ROWS, Durability, Options, SqliteStore,
+};
 pub use token::Token;
 
 /// A boxed future: what [`Store`] methods return, so that the trait stays object safe.

@@ -6,6 +6,7 @@
 //! a batch). The database runs in WAL mode; see [`Durability`] for what a commit survives.
 
 mod checkpoint;
+mod dedup;
 mod history;
 mod writer;
 
@@ -15,6 +16,7 @@ use std::thread;
 use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::mpsc;
 
+pub use dedup::DEFAULT_DEDUP_MERGE_ROWS;
 pub use history::DEFAULT_HISTORY_MERGE_ROWS;
 
 use self::writer::{Database, Job, write_loop};
@@ -64,6 +66,9 @@ pub struct Options {
     /// How many history rows are indexed in memory before they are merged into the
     /// database's conversation index (see [`DEFAULT_HISTORY_MERGE_ROWS`]).
     pub history_merge_rows: usize,
+    /// How many dedup rows have their keys in memory before the keys are merged into the
+    /// database's key table (see [`DEFAULT_DEDUP_MERGE_ROWS`]).
+    pub dedup_merge_rows: usize,
 }
 
 impl Default for Options {
@@ -71,6 +76,7 @@ impl Default for Options {
         Self {
             durability: Durability::default(),
             history_merge_rows: DEFAULT_HISTORY_MERGE_ROWS,
+            dedup_merge_rows: DEFAULT_DEDUP_MERGE_ROWS,
         }
     }
 }
@@ -106,7 +112,12 @@ impl SqliteStore {
         migrate(&conn)?;
         conn.execute_batch("COMMIT")?;
         let history = history::HistoryHeads::load(&conn, options.history_merge_rows)?;
-        let database = Database { conn, history };
+        let dedup = dedup::DedupKeys::load(&conn, options.dedup_merge_rows)?;
+        let database = Database {
+            conn,
+            history,
+            dedup,
+        };
         let (stop_checkpoints, checkpoints_stopped) = std::sync::mpsc::channel();
         checkpoint::start(&path, options.durability, checkpoints_stopped)?;
         let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
@@ -211,6 +222,7 @@ fn migrate(conn: &Connection) -> Result<()> {
         ) WITHOUT ROWID;",
     )?;
     migrate_messages(conn)?;
+    dedup::migrate(conn)?;
     history::migrate(conn)
 }
 
@@ -229,25 +241,30 @@ fn add_column(conn: &Connection, table: &str, column: &str) -> Result<bool> {
     Ok(!present)
 }
 
-/// The dedup record. Rows are appended in id order, and only the narrow `(app, msg_id)` index
-/// takes each new `msg_id` at its place. Keyed by `(app, msg_id)` itself (`WITHOUT ROWID`),
-/// the table held every row, response included, at that place: with `msg_id`s from hundreds
-/// of senders (hundreds of places in the key order), each commit wrote hundreds of wide,
-/// mostly cold pages, and through iagent-client's 512 senders that cost a fifth of the
-/// throughput. A database with the earlier table is moved over.
+/// The dedup record. Rows are appended in id order, and nothing indexes them by `msg_id`:
+/// their keys are kept in `message_keys`, written in bulk (see [`dedup`]). Keyed by
+/// `(app, msg_id)` itself (`WITHOUT ROWID`), the table held every row, response included, at
+/// that place; with a `UNIQUE (app, msg_id)` index, each commit still wrote a page at each of
+/// hundreds of places. A database with either earlier table is moved over, ids kept where it
+/// had them (history entries point at them).
 ///
 /// A row is answered when it holds its `response`, or when `history_id` names the history
 /// entry whose reply the response is: an echo's response, stored there once instead of twice
 /// (a quarter of the bytes a message wrote).
 fn migrate_messages(conn: &Connection) -> Result<()> {
-    let earlier: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM sqlite_master
-                        WHERE type = 'table' AND name = 'messages' AND sql LIKE '%WITHOUT ROWID%')",
-        [],
-        |row| row.get(0),
-    )?;
-    if earlier {
-        conn.execute_batch("ALTER TABLE messages RENAME TO messages_keyed")?;
+    let earlier: Option<String> = conn
+        .query_row(
+            "SELECT sql FROM sqlite_master WHERE type = 'table' AND name = 'messages'",
+            [],
+            |row| row.get(0),
+        )
+        .optional()?;
+    let keyed = earlier
+        .as_deref()
+        .is_some_and(|sql| sql.contains("WITHOUT ROWID"));
+    let unique = earlier.as_deref().is_some_and(|sql| sql.contains("UNIQUE"));
+    if keyed || unique {
+        conn.execute_batch("ALTER TABLE messages RENAME TO messages_earlier")?;
     }
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS messages (
@@ -259,43 +276,34 @@ fn migrate_messages(conn: &Connection) -> Result<()> {
             response TEXT,
             deferred_until INTEGER,
             deferred_agent TEXT,
-            history_id INTEGER,
-            UNIQUE (app, msg_id)
+            history_id INTEGER
         );",
     )?;
-    add_column(conn, "messages", "history_id INTEGER")?;
-    if earlier {
+    if keyed {
         conn.execute_batch(
             "INSERT INTO messages
                 (app, msg_id, received_ms, inbound, response, deferred_until, deferred_agent)
              SELECT app, msg_id, received_ms, inbound, response, deferred_until, deferred_agent
-             FROM messages_keyed ORDER BY received_ms;
-             DROP TABLE messages_keyed;",
+             FROM messages_earlier ORDER BY received_ms;",
         )?;
+    } else if unique {
+        // A table from before `history_id` gets it first, so that one copy fits both.
+        add_column(conn, "messages_earlier", "history_id INTEGER")?;
+        conn.execute_batch(
+            "INSERT INTO messages
+                (id, app, msg_id, received_ms, inbound, response, deferred_until,
+                 deferred_agent, history_id)
+             SELECT id, app, msg_id, received_ms, inbound, response, deferred_until,
+                    deferred_agent, history_id
+             FROM messages_earlier ORDER BY id;",
+        )?;
+    }
+    if keyed || unique {
+        conn.execute_batch("DROP TABLE messages_earlier;")?;
     }
     // Purges go by id now; the index by time only cost every commit a page.
     conn.execute_batch("DROP INDEX IF EXISTS messages_received;")?;
     Ok(())
-}
-
-/// Removes the answered dedup rows older than `before_ms`, oldest row first, up to the first
-/// one from `before_ms` on (which only the rows before it are read to find), and returns how
-/// many. A row's age is the gateway's clock when it was stored, so rows are old in the order
-/// they were written, give or take the moments their writes waited. A message not yet answered
-/// keeps its row whatever its age.
-fn purge_dedup(conn: &Connection, before_ms: i64) -> Result<u64> {
-    let keep_from: i64 = conn
-        .prepare_cached("SELECT id FROM messages WHERE received_ms >= ?1 ORDER BY id LIMIT 1")?
-        .query_row([before_ms], |row| row.get(0))
-        .optional()?
-        .unwrap_or(i64::MAX);
-    let removed = conn
-        .prepare_cached(
-            "DELETE FROM messages WHERE id < ?1
-             AND (response IS NOT NULL OR history_id IS NOT NULL)",
-        )?
-        .execute([keep_from])?;
-    Ok(removed as u64)
 }
 
 /// A new random file id: `f` and 128 bits in hex.
@@ -312,15 +320,21 @@ fn issue_token(conn: &Connection, app: &str, now_ms: i64) -> Result<Token> {
     Ok(token)
 }
 
-/// What became of a `msg_id` that is already recorded.
-fn earlier_claim(conn: &Connection, app: &str, msg_id: &str) -> Result<Claim> {
+/// What became of a message whose insert found its key in `message_keys`.
+fn earlier_merged_claim(conn: &Connection, app: &str, msg_id: &str) -> Result<Claim> {
+    let id = dedup::find_merged(conn, app, msg_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+    earlier_claim(conn, id)
+}
+
+/// What became of the message whose dedup row is `id`.
+fn earlier_claim(conn: &Connection, id: i64) -> Result<Claim> {
     let response: Option<String> = conn
         .prepare_cached(
             "SELECT COALESCE(m.response, h.reply)
              FROM messages m LEFT JOIN history h ON h.id = m.history_id
-             WHERE m.app = ?1 AND m.msg_id = ?2",
+             WHERE m.id = ?1",
         )?
-        .query_row(params![app, msg_id], |row| row.get(0))?;
+        .query_row([id], |row| row.get(0))?;
     Ok(response.map_or(Claim::Pending, Claim::Answered))
 }
 
@@ -517,22 +531,37 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> BoxFuture<'_, Result<Claim>> {
         let (app, msg_id) = (app.to_owned(), msg_id.to_owned());
-        self.run(move |conn| {
-            let inserted = conn
-                .prepare_cached(
-                    "INSERT INTO messages (app, msg_id, received_ms, inbound) VALUES (?1, ?2, ?3, ?4)
-                     ON CONFLICT DO NOTHING",
-                )?
-                .execute(params![app, msg_id, now_ms, inbound])?;
-            if inserted == 1 {
-                return Ok(Claim::New);
+        self.run(move |database| {
+            if let Some(id) = database.dedup.find_recent(&app, &msg_id) {
+                return earlier_claim(database, id);
             }
-            earlier_claim(conn, &app, &msg_id)
+            let inserted = database
+                .prepare_cached(concat!(
+                    "INSERT INTO messages (id, app, msg_id, received_ms, inbound)
+                     SELECT ?1, ?2, ?3, ?4, ?5 WHERE ",
+                    dedup::not_merged!()
+                ))?
+                .execute(params![
+                    database.dedup.next_id(),
+                    app,
+                    msg_id,
+                    now_ms,
+                    inbound
+                ])?;
+            if inserted == 0 {
+                return earlier_merged_claim(database, &app, &msg_id);
+            }
+            database.dedup.inserted(&app, &msg_id);
+            Ok(Claim::New)
         })
     }
 
     fn record(&self, completion: Completion, received_ms: i64) -> BoxFuture<'_, Result<Claim>> {
         self.run(move |database| {
+            let (app, msg_id) = (&completion.app, &completion.msg_id);
+            if let Some(id) = database.dedup.find_recent(app, msg_id) {
+                return earlier_claim(database, id);
+            }
             // A response that is its history entry's reply is stored once, in the entry.
             let reply = match completion.history.as_slice() {
                 [entry] if entry.reply.as_ref() == Some(&completion.response) => Some(entry),
@@ -542,28 +571,28 @@ impl Store for SqliteStore {
                 Some(_) => (None, Some(database.history.next_id())),
                 None => (Some(&completion.response), None),
             };
+            let message_id = database.dedup.next_id();
             let inserted = database
-                .prepare_cached(
-                    "INSERT INTO messages (app, msg_id, received_ms, response, history_id)
-                     VALUES (?1, ?2, ?3, ?4, ?5)
-                     ON CONFLICT DO NOTHING",
-                )?
+                .prepare_cached(concat!(
+                    "INSERT INTO messages (id, app, msg_id, received_ms, response, history_id)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE ",
+                    dedup::not_merged!()
+                ))?
                 .execute(params![
-                    completion.app,
-                    completion.msg_id,
+                    message_id,
+                    app,
+                    msg_id,
                     received_ms,
                     response,
                     history_id
                 ])?;
             if inserted == 0 {
-                return earlier_claim(database, &completion.app, &completion.msg_id);
+                return earlier_merged_claim(database, app, msg_id);
             }
+            database.dedup.inserted(app, msg_id);
             match reply {
-                Some(entry) => {
-                    let message_id = database.last_insert_rowid();
-                    database.append_reply_of(&completion.app, entry, message_id)?;
-                }
-                None => database.append_history(&completion.app, &completion.history)?,
+                Some(entry) => database.append_reply_of(app, entry, message_id)?,
+                None => database.append_history(app, &completion.history)?,
             }
             Ok(Claim::New)
         })
@@ -572,14 +601,17 @@ impl Store for SqliteStore {
     fn complete(&self, completion: Completion) -> BoxFuture<'_, Result<()>> {
         self.run(move |database| {
             // The inbound frame was kept for recovery only; an answered message needs it no more.
-            database.prepare_cached(
-                "UPDATE messages SET response = ?3, inbound = NULL WHERE app = ?1 AND msg_id = ?2",
-            )?
-            .execute(params![
-                completion.app,
-                completion.msg_id,
-                completion.response
-            ])?;
+            if let Some(id) =
+                database
+                    .dedup
+                    .find(&database.conn, &completion.app, &completion.msg_id)?
+            {
+                database
+                    .prepare_cached(
+                        "UPDATE messages SET response = ?2, inbound = NULL WHERE id = ?1",
+                    )?
+                    .execute(params![id, completion.response])?;
+            }
             database.append_history(&completion.app, &completion.history)
         })
     }
@@ -607,11 +639,14 @@ impl Store for SqliteStore {
         until_ms: i64,
     ) -> BoxFuture<'_, Result<()>> {
         let (app, msg_id, agent) = (app.to_owned(), msg_id.to_owned(), agent.to_owned());
-        self.run(move |conn| {
-            conn.prepare_cached(
-                "UPDATE messages SET deferred_until = ?3, deferred_agent = ?4 WHERE app = ?1 AND msg_id = ?2",
-            )?
-            .execute(params![app, msg_id, until_ms, agent])?;
+        self.run(move |database| {
+            if let Some(id) = database.dedup.find(&database.conn, &app, &msg_id)? {
+                database
+                    .prepare_cached(
+                        "UPDATE messages SET deferred_until = ?2, deferred_agent = ?3 WHERE id = ?1",
+                    )?
+                    .execute(params![id, until_ms, agent])?;
+            }
             Ok(())
         })
     }
@@ -728,8 +763,8 @@ impl Store for SqliteStore {
         Box::pin(async move {
             let (mut purged, expired_files) = self
                 .run(move |database| {
-                    let dedup = purge_dedup(database, before.dedup)?;
-                    let Database { conn, history } = database;
+                    let Database { conn, history, dedup } = database;
+                    let dedup = dedup.purge(conn, before.dedup)?;
                     let history = history.purge(conn, before.history)?;
                     let outbox_expired = conn
                         .prepare_cached(

@@ -49,6 +49,7 @@ struct Serve {
     data_dir: PathBuf,
     durability: DurabilitySetting,
     history_merge_rows: usize,
+    dedup_merge_rows: usize,
 }
 
 impl Default for Serve {
@@ -60,6 +61,7 @@ impl Default for Serve {
             data_dir: DEFAULT_DATA_DIR.into(),
             durability: DurabilitySetting::Process,
             history_merge_rows: iagent_store::DEFAULT_HISTORY_MERGE_ROWS,
+            dedup_merge_rows: iagent_store::DEFAULT_DEDUP_MERGE_ROWS,
         }
     }
 }
@@ -107,6 +109,7 @@ impl Settings {
                     DurabilitySetting::Power => Durability::Power,
                 },
                 history_merge_rows: file.serve.history_merge_rows,
+                dedup_merge_rows: file.serve.dedup_merge_rows,
             },
             server: file.server,
             agents: file.agents,
@@ -130,6 +133,11 @@ const COMMENTS: &[(&str, &str)] = &[
         "history_merge_rows",
         "History rows indexed in memory before they are merged into the database's conversation\n\
          index. At it: one merge, which delays the next store commit by its length.",
+    ),
+    (
+        "dedup_merge_rows",
+        "Dedup rows whose keys are held in memory before they are merged into the database's\n\
+         key table. At it: one merge, which delays the next store commit by its length.",
     ),
     (
         "max_frame_bytes",

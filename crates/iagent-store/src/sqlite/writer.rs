@@ -14,14 +14,16 @@ use rusqlite::Connection;
 use tokio::sync::{mpsc, oneshot};
 
 use super::MAX_BATCH;
+use super::dedup::DedupKeys;
 use super::history::HistoryHeads;
 use crate::{HistoryEntry, Result, StoreError};
 
 /// What the writer thread owns: the connection, and the state derived from the database that
-/// is kept in memory (see [`super::history`]).
+/// is kept in memory, the tails (see [`super::history`] and [`super::dedup`]).
 pub(super) struct Database {
     pub(super) conn: Connection,
     pub(super) history: HistoryHeads,
+    pub(super) dedup: DedupKeys,
 }
 
 impl Database {
@@ -40,11 +42,49 @@ impl Database {
             .append_reply_of(&self.conn, app, entry, message_id)
     }
 
-    /// Reads the history heads' tail back after a rollback, so that it says again what the
-    /// database holds.
-    fn reload_history(&mut self) -> Result<()> {
-        self.history.reload(&self.conn)
+    /// Rows appended to each tail since it was last read back or merged: a job that changed
+    /// them and was rolled back took rows the tails still name.
+    fn appended(&self) -> [usize; 2] {
+        [self.history.rows(), self.dedup.rows()]
     }
+
+    /// Reads the tails back after a rollback, so that they say again what the database holds.
+    fn reload_tails(&mut self) -> Result<()> {
+        self.history.reload(&self.conn)?;
+        self.dedup.reload(&self.conn)
+    }
+
+    fn merge_due(&self, tail: Tail) -> bool {
+        match tail {
+            Tail::HistoryHeads => self.history.merge_due(),
+            Tail::DedupKeys => self.dedup.merge_due(),
+        }
+    }
+
+    /// Writes a tail, or the next slice of it, into its table, in the open transaction.
+    fn merge(&mut self, tail: Tail) -> Result<()> {
+        match tail {
+            Tail::HistoryHeads => self.history.merge(&self.conn),
+            Tail::DedupKeys => self.dedup.merge(&self.conn),
+        }
+    }
+
+    /// The merge committed: the tail lets go of what its table has now.
+    fn merged(&mut self, tail: Tail) {
+        match tail {
+            Tail::HistoryHeads => self.history.merged(),
+            Tail::DedupKeys => self.dedup.merged(),
+        }
+    }
+}
+
+/// The state kept in memory that is merged into its table between batches.
+#[derive(Debug, Clone, Copy)]
+enum Tail {
+    /// The conversations' newest entries, into `history_heads`.
+    HistoryHeads,
+    /// The keys of the newest dedup rows, into `message_keys`.
+    DedupKeys,
 }
 
 /// Jobs that only run statements use the database as the connection it is.
@@ -124,13 +164,13 @@ fn in_savepoint<T>(
 ) -> Result<T> {
     // Cached statements: `execute_batch` would parse the SQL again for every job.
     database.prepare_cached("SAVEPOINT job")?.execute([])?;
-    let rows = database.history.rows();
+    let appended = database.appended();
     let outcome = work(database);
     if outcome.is_err() {
         database.prepare_cached("ROLLBACK TO job")?.execute([])?;
-        // The job's history rows are gone, and so must their entries be.
-        if database.history.rows() != rows {
-            database.reload_history()?;
+        // The job's rows are gone, and so must the tails' entries for them be.
+        if database.appended() != appended {
+            database.reload_tails()?;
         }
     }
     database.prepare_cached("RELEASE job")?.execute([])?;
@@ -151,8 +191,10 @@ pub(super) fn write_loop(mut database: Database, mut queue: mpsc::Receiver<Box<d
             job.settle(result.as_ref().map(|_| ()));
         }
         // After the callers have their answers, so that a merge never delays them.
-        if database.history.merge_due() {
-            merge_history_heads(&mut database);
+        for tail in [Tail::HistoryHeads, Tail::DedupKeys] {
+            if database.merge_due(tail) {
+                merge(&mut database, tail);
+            }
         }
     }
 }
@@ -164,7 +206,7 @@ fn run_batch(database: &mut Database, jobs: &mut [Box<dyn Job>]) -> Result<()> {
     let clean = jobs.iter_mut().all(|job| job.attempt(database, false));
     if !clean {
         database.execute_batch("ROLLBACK")?;
-        database.reload_history()?;
+        database.reload_tails()?;
         database.execute_batch("BEGIN IMMEDIATE")?;
         for job in jobs.iter_mut() {
             job.attempt(database, true);
@@ -174,8 +216,8 @@ fn run_batch(database: &mut Database, jobs: &mut [Box<dyn Job>]) -> Result<()> {
     Ok(())
 }
 
-/// Undoes the open transaction, if any: none of a failed batch may stand, and the history
-/// index's tail must again say what the database holds.
+/// Undoes the open transaction, if any: none of a failed batch may stand, and the tails must
+/// again say what the database holds.
 fn rollback(database: &mut Database) {
     // A failed COMMIT can leave the transaction open.
     if !database.is_autocommit()
@@ -183,32 +225,28 @@ fn rollback(database: &mut Database) {
     {
         tracing::error!(error = %err, "store rollback failed");
     }
-    if let Err(err) = database.reload_history() {
-        tracing::error!(error = %err, "history heads tail could not be read back");
+    if let Err(err) = database.reload_tails() {
+        tracing::error!(error = %err, "tails could not be read back");
     }
 }
 
-/// Merges the history heads' tail into the database in a transaction of its own, so that a
-/// failure costs no caller its write; the merge is then tried again after the next batch.
-fn merge_history_heads(database: &mut Database) {
-    let merge = |database: &Database| -> Result<()> {
+/// Merges a tail into its table in a transaction of its own, so that a failure costs no
+/// caller its write; the merge is then tried again after the next batch.
+fn merge(database: &mut Database, tail: Tail) {
+    let attempt = |database: &mut Database| -> Result<()> {
         database.execute_batch("BEGIN IMMEDIATE")?;
-        database.history.merge(database)?;
+        database.merge(tail)?;
         database.execute_batch("COMMIT")?;
         Ok(())
     };
     let started = std::time::Instant::now();
-    match merge(database) {
+    match attempt(database) {
         Ok(()) => {
-            tracing::debug!(
-                rows = database.history.rows(),
-                ms = started.elapsed().as_millis(),
-                "history heads merged"
-            );
-            database.history.merged();
+            database.merged(tail);
+            tracing::debug!(?tail, ms = started.elapsed().as_millis(), "tail merged");
         }
         Err(err) => {
-            tracing::error!(error = %err, "history heads merge failed; tried again later");
+            tracing::error!(?tail, error = %err, "tail merge failed; tried again later");
             rollback(database);
         }
     }

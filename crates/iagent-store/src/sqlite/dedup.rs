@@ -1,0 +1,334 @@
+//! The dedup record's keys, kept so that a commit writes only the end of the `messages` table.
+//!
+//! A dedup row is found by its `(app, msg_id)`. An index on those, kept by SQLite, takes each
+//! new `msg_id` at its place in the key order: with `msg_id`s from hundreds of senders, each
+//! counting up in a range of its own, every commit wrote a page at each of hundreds of places,
+//! and through iagent-client's 512 senders that cost more than half the gateway's throughput.
+//!
+//! So `messages` has no such index. Its rows are appended in id order, and their keys go to
+//! `message_keys`, one row per key, complete up to a watermark (`message_keys_through` in
+//! `store_meta`). The keys of the rows after it are kept in memory, the tail. Once
+//! [`DEFAULT_DEDUP_MERGE_ROWS`] rows have been appended, the tail is taken as a run sorted by
+//! key and written into `message_keys` a slice at a time ([`DEDUP_MERGE_SLICE_ROWS`]), in key
+//! order, so that the keys of one sender land together: each page is written once for many
+//! keys, and no slice holds up the writer for long. A `msg_id` is looked up in the tail, then
+//! in the run, then in `message_keys`.
+//!
+//! Tail and run are derived state: whenever their agreement with the database is in doubt (a
+//! rollback, a purge reaching past the watermark) they are read back from the rows after the
+//! watermark, which is also how a restart, after `kill -9` or not, finds them; a key written
+//! by a slice before that is found in both places, harmlessly. Ids are handed out here, never
+//! by SQLite, so that a row's id is never below the watermark: a purge that emptied the table
+//! must not let SQLite count from 1 again.
+
+use std::collections::HashMap;
+
+use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
+
+use crate::Result;
+
+/// How many dedup rows are appended, by default, before their keys are written into
+/// `message_keys`. A larger tail writes a page of keys once for more messages, and costs memory
+/// (a `msg_id` and 8 bytes per message) and a longer read of the rows after the watermark at
+/// start-up.
+pub const DEFAULT_DEDUP_MERGE_ROWS: usize = 32_768;
+
+/// The most keys one slice of a merge writes. A slice runs between two batches, in a
+/// transaction of its own, and the batch after it waits for it: at this size, about a
+/// millisecond. A slice follows every batch while a run is being written, so the keys go out
+/// faster than messages come in.
+pub const DEDUP_MERGE_SLICE_ROWS: usize = 1024;
+
+/// The condition on which an `INSERT ... SELECT` of a dedup row whose `app` and `msg_id` are
+/// its parameters `?2` and `?3` inserts it: that `message_keys` does not have its key. Where it
+/// inserts nothing, [`find_merged`] has the row that is there.
+macro_rules! not_merged {
+    () => {
+        "NOT EXISTS (SELECT 1 FROM message_keys WHERE app = ?2 AND msg_id = ?3)"
+    };
+}
+pub(super) use not_merged;
+
+/// The id of the dedup row of `msg_id` whose key is in `message_keys`.
+pub(super) fn find_merged(conn: &Connection, app: &str, msg_id: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT id FROM message_keys WHERE app = ?1 AND msg_id = ?2")?
+        .query_row(params![app, msg_id], |row| row.get(0))
+        .optional()?)
+}
+
+/// How many keys one statement of a merge inserts.
+const KEYS_PER_INSERT: usize = 64;
+
+/// The statement that inserts `keys` keys.
+fn insert_keys_sql(keys: usize) -> String {
+    let mut sql = String::from("INSERT OR REPLACE INTO message_keys (app, msg_id, id) VALUES ");
+    for key in 0..keys {
+        let at = 3 * key;
+        if key > 0 {
+            sql.push(',');
+        }
+        sql.push_str(&format!("(?{}, ?{}, ?{})", at + 1, at + 2, at + 3));
+    }
+    sql
+}
+
+/// The parameters of [`insert_keys_sql`] for `keys`.
+fn key_params(keys: &[(String, String, i64)]) -> impl Iterator<Item = &dyn ToSql> {
+    keys.iter()
+        .flat_map(|(app, msg_id, id)| [app as &dyn ToSql, msg_id, id])
+}
+
+/// The `store_meta` key of the last dedup row id whose key `message_keys` has.
+const WATERMARK_KEY: &str = "message_keys_through";
+
+/// Creates `message_keys`, and fills it from the dedup rows of a database that had none (its
+/// keys were in an index of `messages`), so that a large record never becomes a large tail.
+pub(super) fn migrate(conn: &Connection) -> Result<()> {
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS message_keys (
+            app TEXT NOT NULL,
+            msg_id TEXT NOT NULL,
+            id INTEGER NOT NULL,
+            PRIMARY KEY (app, msg_id)
+        ) WITHOUT ROWID;",
+    )?;
+    if watermark(conn)?.is_none() {
+        conn.execute_batch(
+            "INSERT OR REPLACE INTO message_keys (app, msg_id, id)
+                 SELECT app, msg_id, id FROM messages ORDER BY app, msg_id;",
+        )?;
+        let through: i64 =
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM messages", [], |row| {
+                row.get(0)
+            })?;
+        set_watermark(conn, through)?;
+    }
+    Ok(())
+}
+
+fn watermark(conn: &Connection) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM store_meta WHERE key = ?1")?
+        .query_row([WATERMARK_KEY], |row| row.get(0))
+        .optional()?)
+}
+
+fn set_watermark(conn: &Connection, through: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO store_meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![WATERMARK_KEY, through])?;
+    Ok(())
+}
+
+/// The in-memory part of the dedup keys: the tail, and the run being merged out of it.
+///
+/// Statements rolled back take their rows with them, so the writer then reads the tail back
+/// ([`DedupKeys::reload`]): a key whose row is gone must not say its `msg_id` was seen.
+#[derive(Debug)]
+pub(super) struct DedupKeys {
+    /// The keys of the rows after the watermark, by app, then by `msg_id`; those of the run
+    /// too, until it is written.
+    tail: HashMap<String, HashMap<String, i64>>,
+    /// Rows in the tail that are not in the run.
+    rows: usize,
+    /// The number of rows in the tail at which it becomes the run.
+    merge_rows: usize,
+    /// The last id whose key `message_keys` has.
+    through: i64,
+    /// The id of the next row: above every row's and the watermark.
+    next_id: i64,
+    /// The keys being written into `message_keys`.
+    run: Option<Run>,
+}
+
+/// The tail as it was when a merge began, sorted by key: the order it is written in.
+#[derive(Debug)]
+struct Run {
+    keys: Vec<(String, String, i64)>,
+    /// Keys before this are in `message_keys`, committed.
+    written: usize,
+    /// The watermark once every key is written: the last id handed out when the run was taken.
+    through: i64,
+}
+
+impl DedupKeys {
+    /// Reads the tail back from the rows after the watermark.
+    pub(super) fn load(conn: &Connection, merge_rows: usize) -> Result<Self> {
+        let mut keys = Self {
+            tail: HashMap::new(),
+            rows: 0,
+            merge_rows,
+            through: 0,
+            next_id: 1,
+            run: None,
+        };
+        keys.reload(conn)?;
+        Ok(keys)
+    }
+
+    /// Replaces the tail with what the database holds after the watermark; a merge under way
+    /// starts over.
+    pub(super) fn reload(&mut self, conn: &Connection) -> Result<()> {
+        self.tail.clear();
+        self.rows = 0;
+        self.run = None;
+        self.through = watermark(conn)?.unwrap_or(0);
+        let mut rows = conn.prepare_cached("SELECT app, msg_id, id FROM messages WHERE id > ?1")?;
+        let mut rows = rows.query([self.through])?;
+        while let Some(row) = rows.next()? {
+            let (app, msg_id): (String, String) = (row.get(0)?, row.get(1)?);
+            self.appended(&app, &msg_id, row.get(2)?);
+        }
+        let last: Option<i64> = conn
+            .prepare_cached("SELECT MAX(id) FROM messages")?
+            .query_row([], |row| row.get(0))?;
+        // Never back: an id handed out once is not handed out again while the process runs.
+        self.next_id = self.next_id.max(last.unwrap_or(0).max(self.through) + 1);
+        Ok(())
+    }
+
+    /// The id the next appended row must take.
+    pub(super) fn next_id(&self) -> i64 {
+        self.next_id
+    }
+
+    /// The id of the dedup row of `msg_id`, if there is one.
+    pub(super) fn find(&self, conn: &Connection, app: &str, msg_id: &str) -> Result<Option<i64>> {
+        match self.find_recent(app, msg_id) {
+            Some(id) => Ok(Some(id)),
+            None => find_merged(conn, app, msg_id),
+        }
+    }
+
+    /// The id of the dedup row of `msg_id` if it is one of the rows after the watermark. A new
+    /// row's insert checks `message_keys` itself, in the same statement (see
+    /// [`not_merged`]): a second statement for it cost as much as the check.
+    pub(super) fn find_recent(&self, app: &str, msg_id: &str) -> Option<i64> {
+        self.tail.get(app)?.get(msg_id).copied()
+    }
+
+    /// Records that the row [`DedupKeys::next_id`] was inserted with this key.
+    pub(super) fn inserted(&mut self, app: &str, msg_id: &str) {
+        self.appended(app, msg_id, self.next_id);
+        self.next_id += 1;
+    }
+
+    fn appended(&mut self, app: &str, msg_id: &str, id: i64) {
+        self.rows += 1;
+        match self.tail.get_mut(app) {
+            Some(keys) => {
+                keys.insert(msg_id.to_owned(), id);
+            }
+            None => {
+                let keys = HashMap::from([(msg_id.to_owned(), id)]);
+                self.tail.insert(app.to_owned(), keys);
+            }
+        }
+    }
+
+    /// How many rows are in the tail.
+    pub(super) fn rows(&self) -> usize {
+        self.rows
+    }
+
+    /// Whether a slice of a merge is due: one is under way, or the tail is big enough to be
+    /// the next run.
+    pub(super) fn merge_due(&self) -> bool {
+        self.run.is_some() || self.rows >= self.merge_rows.max(1)
+    }
+
+    /// Writes the next slice of the run (taking the tail as the run first, if none is under
+    /// way) into `message_keys`, in the caller's transaction, and moves the watermark once the
+    /// slice is the run's last. The run counts the slice as written only in
+    /// [`DedupKeys::merged`], once that transaction has committed.
+    pub(super) fn merge(&mut self, conn: &Connection) -> Result<()> {
+        let run = match &mut self.run {
+            Some(run) => run,
+            None => {
+                let mut keys: Vec<_> = self
+                    .tail
+                    .iter()
+                    .flat_map(|(app, keys)| {
+                        keys.iter()
+                            .map(|(msg_id, &id)| (app.clone(), msg_id.clone(), id))
+                    })
+                    .collect();
+                keys.sort_unstable();
+                self.rows = 0;
+                self.run.insert(Run {
+                    keys,
+                    written: 0,
+                    through: self.next_id - 1,
+                })
+            }
+        };
+        let end = run.keys.len().min(run.written + DEDUP_MERGE_SLICE_ROWS);
+        let slice = &run.keys[run.written..end];
+        // Many keys per statement: run one at a time, the statement's own overhead was about
+        // as much as the insert.
+        let mut chunks = slice.chunks_exact(KEYS_PER_INSERT);
+        let mut insert = conn.prepare_cached(&insert_keys_sql(KEYS_PER_INSERT))?;
+        for chunk in chunks.by_ref() {
+            insert.execute(params_from_iter(key_params(chunk)))?;
+        }
+        let rest = chunks.remainder();
+        if !rest.is_empty() {
+            conn.prepare_cached(&insert_keys_sql(rest.len()))?
+                .execute(params_from_iter(key_params(rest)))?;
+        }
+        if end == run.keys.len() {
+            set_watermark(conn, run.through)?;
+        }
+        Ok(())
+    }
+
+    /// The slice [`DedupKeys::merge`] wrote committed; the run ends with its last.
+    pub(super) fn merged(&mut self) {
+        if let Some(run) = &mut self.run {
+            run.written = run.keys.len().min(run.written + DEDUP_MERGE_SLICE_ROWS);
+            if run.written == run.keys.len() {
+                let through = run.through;
+                self.tail.retain(|_, keys| {
+                    keys.retain(|_, id| *id > through);
+                    !keys.is_empty()
+                });
+                self.through = through;
+                self.run = None;
+            }
+        }
+    }
+
+    /// Removes the answered dedup rows older than `before_ms`, and their keys, oldest row first,
+    /// up to the first one from `before_ms` on (which only the rows before it are read to find);
+    /// returns how many. A row's age is the gateway's clock when it was stored, so rows are old
+    /// in the order they were written, give or take the moments their writes waited. A message
+    /// not yet answered keeps its row whatever its age.
+    pub(super) fn purge(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
+        let keep_from: i64 = conn
+            .prepare_cached("SELECT id FROM messages WHERE received_ms >= ?1 ORDER BY id LIMIT 1")?
+            .query_row([before_ms], |row| row.get(0))
+            .optional()?
+            .unwrap_or(i64::MAX);
+        conn.prepare_cached(
+            "DELETE FROM message_keys
+             WHERE id < ?1 AND (app, msg_id) IN (
+                 SELECT app, msg_id FROM messages
+                 WHERE id < ?1 AND (response IS NOT NULL OR history_id IS NOT NULL))",
+        )?
+        .execute([keep_from])?;
+        let removed = conn
+            .prepare_cached(
+                "DELETE FROM messages WHERE id < ?1
+                 AND (response IS NOT NULL OR history_id IS NOT NULL)",
+            )?
+            .execute([keep_from])?;
+        // Rows of the tail went too.
+        if removed > 0 && keep_from > self.through + 1 {
+            self.reload(conn)?;
+        }
+        Ok(removed as u64)
+    }
+}
