@@ -226,6 +226,23 @@ fn migrate(conn: &Connection) -> Result<()> {
     history::migrate(conn)
 }
 
+/// A value kept in `store_meta`, such as a watermark.
+fn meta(conn: &Connection, key: &str) -> Result<Option<i64>> {
+    Ok(conn
+        .prepare_cached("SELECT value FROM store_meta WHERE key = ?1")?
+        .query_row([key], |row| row.get(0))
+        .optional()?)
+}
+
+fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<()> {
+    conn.prepare_cached(
+        "INSERT INTO store_meta (key, value) VALUES (?1, ?2)
+         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value])?;
+    Ok(())
+}
+
 /// Adds a column to a table made before the column existed; `column` is its name and type.
 /// Returns whether it was missing.
 fn add_column(conn: &Connection, table: &str, column: &str) -> Result<bool> {

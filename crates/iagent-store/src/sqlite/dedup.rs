@@ -108,19 +108,11 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
 }
 
 fn watermark(conn: &Connection) -> Result<Option<i64>> {
-    Ok(conn
-        .prepare_cached("SELECT value FROM store_meta WHERE key = ?1")?
-        .query_row([WATERMARK_KEY], |row| row.get(0))
-        .optional()?)
+    super::meta(conn, WATERMARK_KEY)
 }
 
 fn set_watermark(conn: &Connection, through: i64) -> Result<()> {
-    conn.prepare_cached(
-        "INSERT INTO store_meta (key, value) VALUES (?1, ?2)
-         ON CONFLICT (key) DO UPDATE SET value = excluded.value",
-    )?
-    .execute(params![WATERMARK_KEY, through])?;
-    Ok(())
+    super::set_meta(conn, WATERMARK_KEY, through)
 }
 
 /// The in-memory part of the dedup keys: the tail, and the run being merged out of it.
