@@ -11,8 +11,8 @@
 //! [`DEFAULT_DEDUP_MERGE_ROWS`] rows have been appended, the tail is taken as a run sorted by
 //! key and written into `message_keys` a slice at a time ([`DEDUP_MERGE_SLICE_ROWS`]), in key
 //! order, so that the keys of one sender land together: each page is written once for many
-//! keys, and no slice holds up the writer for long. A `msg_id` is looked up in the tail, then
-//! in the run, then in `message_keys`.
+//! keys, and no slice holds up the writer for long. A `msg_id` is looked up in the tail, which
+//! keeps a run's keys until the whole run is written, then in `message_keys`.
 //!
 //! Tail and run are derived state: whenever their agreement with the database is in doubt (a
 //! rollback, a purge reaching past the watermark) they are read back from the rows after the
