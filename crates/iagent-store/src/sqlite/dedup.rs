@@ -266,9 +266,11 @@ impl DedupKeys {
         for chunk in chunks.by_ref() {
             insert.execute(params_from_iter(key_params(chunk)))?;
         }
+        // The rest, once per run and of any length, is not cached: its statements would push
+        // the message path's own out of the connection's small statement cache.
         let rest = chunks.remainder();
         if !rest.is_empty() {
-            conn.prepare_cached(&insert_keys_sql(rest.len()))?
+            conn.prepare(&insert_keys_sql(rest.len()))?
                 .execute(params_from_iter(key_params(rest)))?;
         }
         if end == run.keys.len() {
