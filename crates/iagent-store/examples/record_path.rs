@@ -1,0 +1,103 @@
+//! The store's share of the message path, measured on its own: `record`, the one write a
+//! message answered by a repeatable agent (the echo agent) costs, issued by many concurrent
+//! callers the way the gateway's conversations issue it, with no network and no agent.
+//!
+//! Prints records per second and the process's CPU seconds per 100 000 records. The
+//! gateway's benchmark (`iagent bench`) measures the whole path; this one isolates the store,
+//! whose figures move by a few percent where the whole path's drift by more.
+//!
+//! ```text
+//! taskset -c 0 cargo run --release -p iagent-store --example record_path -- [SECONDS] [CALLERS]
+//! ```
+//!
+//! Linux only: CPU time is read from `/proc/self/stat`.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use iagent_store::{Claim, Completion, HistoryEntry, Options, SqliteStore, Store};
+
+/// Conversations the callers spread their messages over, as the gateway benchmark's users.
+const CONVERSATIONS: u64 = 10_000;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let mut args = std::env::args().skip(1);
+    let seconds: u64 = args.next().map_or(Ok(8), |arg| arg.parse())?;
+    let callers: u64 = args.next().map_or(Ok(512), |arg| arg.parse())?;
+    let dir = tempfile::tempdir()?;
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .build()?;
+    runtime.block_on(async {
+        let store = Arc::new(SqliteStore::open(dir.path(), Options::default())?);
+        let stop = Arc::new(AtomicBool::new(false));
+        let done = Arc::new(AtomicU64::new(0));
+        let tasks: Vec<_> = (0..callers)
+            .map(|caller| {
+                let (store, stop, done) = (store.clone(), stop.clone(), done.clone());
+                tokio::spawn(async move {
+                    let mut n = 0;
+                    while !stop.load(Ordering::Relaxed) {
+                        let claim = store.record(completion(caller, n), 0).await;
+                        assert!(matches!(claim, Ok(Claim::New)), "{claim:?}");
+                        done.fetch_add(1, Ordering::Relaxed);
+                        n += 1;
+                    }
+                })
+            })
+            .collect();
+        // The first second fills caches and the WAL; it is not counted.
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        let (start, records, cpu) = (Instant::now(), done.load(Ordering::Relaxed), cpu_seconds()?);
+        tokio::time::sleep(Duration::from_secs(seconds)).await;
+        let records = done.load(Ordering::Relaxed) - records;
+        let (elapsed, cpu) = (start.elapsed().as_secs_f64(), cpu_seconds()? - cpu);
+        stop.store(true, Ordering::Relaxed);
+        for task in tasks {
+            task.await?;
+        }
+        println!(
+            "{records} records in {elapsed:.1} s: {:.0} records/s, {:.3} CPU-s per 100k",
+            records as f64 / elapsed,
+            cpu / records as f64 * 100_000.0
+        );
+        Ok(())
+    })
+}
+
+/// The `n`th message of `caller`, answered, as the echo agent's completion would be.
+fn completion(caller: u64, n: u64) -> Completion {
+    let msg_id = format!("m-{caller}-{n}");
+    let user = (caller * 7919 + n) % CONVERSATIONS;
+    let message = format!(
+        r#"{{"msg_id":"{msg_id}","sender_id":"user-{user}","receiver_id":"echo","chat_type":"private","content":{{"type":"text","text":"hello, agent; message {n}"}}}}"#
+    );
+    let response = format!(
+        r#"{{"msg_id":"r-{caller}-{n}","ref_msg_id":"{msg_id}","resp_code":0,"sender_id":"echo","receiver_id":"user-{user}","chat_type":"private","content":{{"type":"text","text":"hello, agent; message {n}"}}}}"#
+    );
+    Completion {
+        app: "bench".into(),
+        msg_id,
+        history: vec![HistoryEntry {
+            conversation: format!("p:user-{user}:echo"),
+            at_ms: 0,
+            message,
+            reply: Some(response.clone()),
+        }],
+        response,
+    }
+}
+
+/// CPU seconds (user and system) the process has used so far.
+fn cpu_seconds() -> Result<f64, Box<dyn std::error::Error>> {
+    /// Clock ticks per second of `/proc/self/stat`'s times, as Linux reports them to processes.
+    const TICKS_PER_SECOND: f64 = 100.0;
+    let stat = std::fs::read_to_string("/proc/self/stat")?;
+    // The fields after the command name, which is in parentheses and may hold spaces.
+    let fields: Vec<&str> = stat[stat.rfind(')').ok_or("bad /proc/self/stat")? + 2..]
+        .split(' ')
+        .collect();
+    let ticks: u64 = fields[11].parse::<u64>()? + fields[12].parse::<u64>()?;
+    Ok(ticks as f64 / TICKS_PER_SECOND)
+}
