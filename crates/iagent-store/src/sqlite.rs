@@ -554,7 +554,7 @@ impl Store for SqliteStore {
             }
             let inserted = database
                 .prepare_cached(concat!(
-                    "INSERT INTO messages (id, app, msg_id, received_ms, inbound)
+                    "INSERT OR IGNORE INTO messages (id, app, msg_id, received_ms, inbound)
                      SELECT ?1, ?2, ?3, ?4, ?5 WHERE ",
                     dedup::not_merged!()
                 ))?
@@ -591,7 +591,7 @@ impl Store for SqliteStore {
             let message_id = database.dedup.next_id();
             let inserted = database
                 .prepare_cached(concat!(
-                    "INSERT INTO messages (id, app, msg_id, received_ms, response, history_id)
+                    "INSERT OR IGNORE INTO messages (id, app, msg_id, received_ms, response, history_id)
                      SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE ",
                     dedup::not_merged!()
                 ))?

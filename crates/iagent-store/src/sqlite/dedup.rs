@@ -39,9 +39,15 @@ pub const DEFAULT_DEDUP_MERGE_ROWS: usize = 32_768;
 /// faster than messages come in.
 pub const DEDUP_MERGE_SLICE_ROWS: usize = 1024;
 
-/// The condition on which an `INSERT ... SELECT` of a dedup row whose `app` and `msg_id` are
-/// its parameters `?2` and `?3` inserts it: that `message_keys` does not have its key. Where it
-/// inserts nothing, [`find_merged`] has the row that is there.
+/// The condition on which an `INSERT OR IGNORE ... SELECT` of a dedup row whose `app` and
+/// `msg_id` are its parameters `?2` and `?3` inserts it: that `message_keys` does not have its
+/// key. Where it inserts nothing, [`find_merged`] has the row that is there.
+///
+/// `OR IGNORE`, because an `INSERT ... SELECT` may write many rows, and one that could abort
+/// halfway on a constraint makes SQLite copy every page it changes into a statement journal
+/// first (measured: 7% of the store's throughput). The row's values are never NULL and its id
+/// is the writer's own, so nothing else is ignored; should anything be, [`find_merged`] finds
+/// no row, and the caller gets an error, not a silent duplicate.
 macro_rules! not_merged {
     () => {
         "NOT EXISTS (SELECT 1 FROM message_keys WHERE app = ?2 AND msg_id = ?3)"
