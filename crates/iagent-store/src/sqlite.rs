@@ -46,6 +46,13 @@ pub const QUEUE_CAPACITY: usize = 8192;
 /// by default at 1000. At 4 KiB pages, about 40 MiB of WAL file.
 pub const WAL_AUTOCHECKPOINT: u32 = 10_000;
 
+/// The writer connection's page cache, by default, in MiB. The message path probes the dedup
+/// key table and merges into it and the conversation heads at places all over them; SQLite's
+/// own default (2 MiB) held too little of them, and each page it missed was a read from the
+/// operating system (measured: about 7% of the store's throughput). The cache fills only as
+/// pages are read.
+pub const DEFAULT_CACHE_MIB: usize = 64;
+
 /// What a commit survives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Durability {
@@ -69,6 +76,8 @@ pub struct Options {
     /// How many dedup rows have their keys in memory before the keys are merged into the
     /// database's key table (see [`DEFAULT_DEDUP_MERGE_ROWS`]).
     pub dedup_merge_rows: usize,
+    /// The most memory, in MiB, the database's page cache takes (see [`DEFAULT_CACHE_MIB`]).
+    pub cache_mib: usize,
 }
 
 impl Default for Options {
@@ -77,6 +86,7 @@ impl Default for Options {
             durability: Durability::default(),
             history_merge_rows: DEFAULT_HISTORY_MERGE_ROWS,
             dedup_merge_rows: DEFAULT_DEDUP_MERGE_ROWS,
+            cache_mib: DEFAULT_CACHE_MIB,
         }
     }
 }
@@ -106,6 +116,9 @@ impl SqliteStore {
         let path = data_dir.join(DATABASE_FILE);
         let conn = Connection::open(&path)?;
         configure(&conn, options.durability)?;
+        // In KiB when negative. This connection, the writer's, serves every read of the store.
+        let cache_kib = i64::try_from(options.cache_mib.saturating_mul(1024)).unwrap_or(i64::MAX);
+        conn.pragma_update(None, "cache_size", -cache_kib)?;
         // One transaction: a process stopped halfway through moving a table over leaves the
         // database as it was.
         conn.execute_batch("BEGIN IMMEDIATE")?;

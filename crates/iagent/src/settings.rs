@@ -50,6 +50,7 @@ struct Serve {
     durability: DurabilitySetting,
     history_merge_rows: usize,
     dedup_merge_rows: usize,
+    store_cache_mib: usize,
 }
 
 impl Default for Serve {
@@ -62,6 +63,7 @@ impl Default for Serve {
             durability: DurabilitySetting::Process,
             history_merge_rows: iagent_store::DEFAULT_HISTORY_MERGE_ROWS,
             dedup_merge_rows: iagent_store::DEFAULT_DEDUP_MERGE_ROWS,
+            store_cache_mib: iagent_store::DEFAULT_CACHE_MIB,
         }
     }
 }
@@ -110,6 +112,7 @@ impl Settings {
                 },
                 history_merge_rows: file.serve.history_merge_rows,
                 dedup_merge_rows: file.serve.dedup_merge_rows,
+                cache_mib: file.serve.store_cache_mib,
             },
             server: file.server,
             agents: file.agents,
@@ -138,6 +141,11 @@ const COMMENTS: &[(&str, &str)] = &[
         "dedup_merge_rows",
         "Dedup rows whose keys are held in memory before they are merged into the database's\n\
          key table. At it: one merge, which delays the next store commit by its length.",
+    ),
+    (
+        "store_cache_mib",
+        "Most memory, in MiB, the database's page cache takes. At it: the least recently used\n\
+         pages are dropped, and read again from the operating system when next needed.",
     ),
     (
         "max_frame_bytes",
@@ -387,5 +395,27 @@ mod tests {
         assert_eq!(settings.listen.port(), 9000);
         assert_eq!(settings.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(settings.server.limits.max_text_bytes, 100);
+    }
+
+    #[test]
+    fn the_store_keys_reach_the_store_options() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("iagent.toml");
+        std::fs::write(
+            &path,
+            "[serve]\ndurability = \"power\"\nhistory_merge_rows = 7\ndedup_merge_rows = 9\n\
+             store_cache_mib = 3\n",
+        )
+        .expect("write");
+        let store = Settings::load(Some(&path), None, None).expect("loads").store;
+        assert_eq!(
+            store,
+            iagent_store::Options {
+                durability: Durability::Power,
+                history_merge_rows: 7,
+                dedup_merge_rows: 9,
+                cache_mib: 3,
+            }
+        );
     }
 }
