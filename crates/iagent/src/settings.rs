@@ -407,7 +407,9 @@ mod tests {
              store_cache_mib = 3\n",
         )
         .expect("write");
-        let store = Settings::load(Some(&path), None, None).expect("loads").store;
+        let store = Settings::load(Some(&path), None, None)
+            .expect("loads")
+            .store;
         assert_eq!(
             store,
             iagent_store::Options {
