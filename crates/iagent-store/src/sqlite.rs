@@ -115,10 +115,7 @@ impl SqliteStore {
         })?;
         let path = data_dir.join(DATABASE_FILE);
         let conn = Connection::open(&path)?;
-        configure(&conn, options.durability)?;
-        // In KiB when negative. This connection, the writer's, serves every read of the store.
-        let cache_kib = i64::try_from(options.cache_mib.saturating_mul(1024)).unwrap_or(i64::MAX);
-        conn.pragma_update(None, "cache_size", -cache_kib)?;
+        configure(&conn, &options)?;
         // One transaction: a process stopped halfway through moving a table over leaves the
         // database as it was.
         conn.execute_batch("BEGIN IMMEDIATE")?;
@@ -176,12 +173,17 @@ fn synchronous(durability: Durability) -> &'static str {
     }
 }
 
-fn configure(conn: &Connection, durability: Durability) -> Result<()> {
+/// Sets up the writer's connection, the one that serves every read and write of the store.
+fn configure(conn: &Connection, options: &Options) -> Result<()> {
     conn.pragma_update(None, "journal_mode", "WAL")?;
-    conn.pragma_update(None, "synchronous", synchronous(durability))?;
+    conn.pragma_update(None, "synchronous", synchronous(options.durability))?;
     conn.pragma_update(None, "foreign_keys", "ON")?;
-    // Every job runs in a savepoint, whose journal (the pages it changes, as they were) would
-    // otherwise be a temporary file written with a syscall per page.
+    // In KiB when negative.
+    let cache_kib = i64::try_from(options.cache_mib.saturating_mul(1024)).unwrap_or(i64::MAX);
+    conn.pragma_update(None, "cache_size", -cache_kib)?;
+    // A batch with a failing job runs again with a savepoint per job, and a merge's inserts of
+    // many rows each keep a statement journal: both journals (the pages changed, as they were)
+    // would otherwise be temporary files written with a syscall per page.
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // The checkpointer copies the WAL back; the writer only bounds it.
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT)?;
