@@ -19,6 +19,7 @@ use tokio::sync::mpsc;
 pub use dedup::DEFAULT_DEDUP_MERGE_ROWS;
 pub use history::DEFAULT_HISTORY_MERGE_ROWS;
 
+use self::dedup::Record;
 use self::writer::{Database, Job, write_loop};
 use crate::token::{self, Token};
 use crate::{
@@ -236,9 +237,11 @@ fn migrate(conn: &Connection) -> Result<()> {
             value INTEGER NOT NULL
         ) WITHOUT ROWID;",
     )?;
+    history::migrate(conn)?;
+    dedup::create(conn)?;
     migrate_messages(conn)?;
     dedup::migrate(conn)?;
-    history::migrate(conn)
+    dedup::start_entries(conn)
 }
 
 /// A value kept in `store_meta`, such as a watermark.
@@ -258,15 +261,20 @@ fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<()> {
     Ok(())
 }
 
+/// Whether `table` has the column `name`.
+fn has_column(conn: &Connection, table: &str, name: &str) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+        params![table, name],
+        |row| row.get(0),
+    )?)
+}
+
 /// Adds a column to a table made before the column existed; `column` is its name and type.
 /// Returns whether it was missing.
 fn add_column(conn: &Connection, table: &str, column: &str) -> Result<bool> {
     let name = column.split_whitespace().next().unwrap_or(column);
-    let present: bool = conn.query_row(
-        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
-        params![table, name],
-        |row| row.get(0),
-    )?;
+    let present = has_column(conn, table, name)?;
     if !present {
         conn.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column}"))?;
     }
@@ -280,9 +288,9 @@ fn add_column(conn: &Connection, table: &str, column: &str) -> Result<bool> {
 /// hundreds of places. A database with either earlier table is moved over, ids kept where it
 /// had them (history entries point at them).
 ///
-/// A row is answered when it holds its `response`, or when `history_id` names the history
-/// entry whose reply the response is: an echo's response, stored there once instead of twice
-/// (a quarter of the bytes a message wrote).
+/// A message answered by a repeatable agent has no row: its history entry is its record (see
+/// [`dedup`]). In the layout before, its row named the entry (`history_id`); such rows are
+/// folded into their entries.
 fn migrate_messages(conn: &Connection) -> Result<()> {
     let earlier: Option<String> = conn
         .query_row(
@@ -307,8 +315,7 @@ fn migrate_messages(conn: &Connection) -> Result<()> {
             inbound TEXT,
             response TEXT,
             deferred_until INTEGER,
-            deferred_agent TEXT,
-            history_id INTEGER
+            deferred_agent TEXT
         );",
     )?;
     if keyed {
@@ -319,19 +326,27 @@ fn migrate_messages(conn: &Connection) -> Result<()> {
              FROM messages_earlier ORDER BY received_ms;",
         )?;
     } else if unique {
-        // A table from before `history_id` gets it first, so that one copy fits both.
-        add_column(conn, "messages_earlier", "history_id INTEGER")?;
+        if has_column(conn, "messages_earlier", "history_id")? {
+            dedup::fold_rows_into_entries(conn, "messages_earlier")?;
+        }
         conn.execute_batch(
             "INSERT INTO messages
                 (id, app, msg_id, received_ms, inbound, response, deferred_until,
-                 deferred_agent, history_id)
+                 deferred_agent)
              SELECT id, app, msg_id, received_ms, inbound, response, deferred_until,
-                    deferred_agent, history_id
+                    deferred_agent
              FROM messages_earlier ORDER BY id;",
         )?;
     }
     if keyed || unique {
         conn.execute_batch("DROP TABLE messages_earlier;")?;
+    }
+    if has_column(conn, "messages", "history_id")? {
+        dedup::fold_rows_into_entries(conn, "messages")?;
+        conn.execute_batch("ALTER TABLE messages DROP COLUMN history_id;")?;
+    }
+    if has_column(conn, "history", "message_id")? {
+        conn.execute_batch("ALTER TABLE history DROP COLUMN message_id;")?;
     }
     // Purges go by id now; the index by time only cost every commit a page.
     conn.execute_batch("DROP INDEX IF EXISTS messages_received;")?;
@@ -354,18 +369,19 @@ fn issue_token(conn: &Connection, app: &str, now_ms: i64) -> Result<Token> {
 
 /// What became of a message whose insert found its key in `message_keys`.
 fn earlier_merged_claim(conn: &Connection, app: &str, msg_id: &str) -> Result<Claim> {
-    let id = dedup::find_merged(conn, app, msg_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
-    earlier_claim(conn, id)
+    let record =
+        dedup::find_merged(conn, app, msg_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+    earlier_claim(conn, record)
 }
 
-/// What became of the message whose dedup row is `id`.
-fn earlier_claim(conn: &Connection, id: i64) -> Result<Claim> {
+/// What became of the message whose record this is.
+fn earlier_claim(conn: &Connection, record: Record) -> Result<Claim> {
+    let (sql, id) = match record {
+        Record::Row(id) => ("SELECT response FROM messages WHERE id = ?1", id),
+        Record::Entry(id) => ("SELECT reply FROM history WHERE id = ?1", id),
+    };
     let response: Option<String> = conn
-        .prepare_cached(
-            "SELECT COALESCE(m.response, h.reply)
-             FROM messages m LEFT JOIN history h ON h.id = m.history_id
-             WHERE m.id = ?1",
-        )?
+        .prepare_cached(sql)?
         .query_row([id], |row| row.get(0))?;
     Ok(response.map_or(Claim::Pending, Claim::Answered))
 }
@@ -594,38 +610,42 @@ impl Store for SqliteStore {
             if let Some(id) = database.dedup.find_recent(app, msg_id) {
                 return earlier_claim(database, id);
             }
-            // A response that is its history entry's reply is stored once, in the entry.
-            let reply = match completion.history.as_slice() {
-                [entry] if entry.reply.as_ref() == Some(&completion.response) => Some(entry),
-                _ => None,
-            };
-            let (response, history_id) = match reply {
-                Some(_) => (None, Some(database.history.next_id())),
-                None => (Some(&completion.response), None),
-            };
-            let message_id = database.dedup.next_id();
+            // A response that is its history entry's reply is stored once, in the entry, which
+            // is then the message's record.
+            if let [entry] = completion.history.as_slice()
+                && entry.reply.as_ref() == Some(&completion.response)
+            {
+                let Database {
+                    conn,
+                    history,
+                    dedup,
+                } = database;
+                return match history.append_record(conn, app, msg_id, entry)? {
+                    Some(id) => {
+                        dedup.inserted_entry(app, msg_id, id);
+                        Ok(Claim::New)
+                    }
+                    None => earlier_merged_claim(conn, app, msg_id),
+                };
+            }
             let inserted = database
                 .prepare_cached(concat!(
-                    "INSERT OR IGNORE INTO messages (id, app, msg_id, received_ms, response, history_id)
-                     SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE ",
+                    "INSERT OR IGNORE INTO messages (id, app, msg_id, received_ms, response)
+                     SELECT ?1, ?2, ?3, ?4, ?5 WHERE ",
                     dedup::not_merged!()
                 ))?
                 .execute(params![
-                    message_id,
+                    database.dedup.next_id(),
                     app,
                     msg_id,
                     received_ms,
-                    response,
-                    history_id
+                    completion.response
                 ])?;
             if inserted == 0 {
                 return earlier_merged_claim(database, app, msg_id);
             }
             database.dedup.inserted(app, msg_id);
-            match reply {
-                Some(entry) => database.append_reply_of(app, entry, message_id)?,
-                None => database.append_history(app, &completion.history)?,
-            }
+            database.append_history(app, &completion.history)?;
             Ok(Claim::New)
         })
     }
@@ -633,7 +653,8 @@ impl Store for SqliteStore {
     fn complete(&self, completion: Completion) -> BoxFuture<'_, Result<()>> {
         self.run(move |database| {
             // The inbound frame was kept for recovery only; an answered message needs it no more.
-            if let Some(id) =
+            // A record in an entry was answered as it was written: only a row is completed.
+            if let Some(Record::Row(id)) =
                 database
                     .dedup
                     .find(&database.conn, &completion.app, &completion.msg_id)?
@@ -672,7 +693,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<()>> {
         let (app, msg_id, agent) = (app.to_owned(), msg_id.to_owned(), agent.to_owned());
         self.run(move |database| {
-            if let Some(id) = database.dedup.find(&database.conn, &app, &msg_id)? {
+            if let Some(Record::Row(id)) = database.dedup.find(&database.conn, &app, &msg_id)? {
                 database
                     .prepare_cached(
                         "UPDATE messages SET deferred_until = ?2, deferred_agent = ?3 WHERE id = ?1",
@@ -687,7 +708,7 @@ impl Store for SqliteStore {
         self.run(|conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT app, inbound, deferred_agent, deferred_until FROM messages
-                 WHERE response IS NULL AND history_id IS NULL AND deferred_until IS NOT NULL
+                 WHERE response IS NULL AND deferred_until IS NOT NULL
                  ORDER BY deferred_until",
             )?;
             let rows = statement
@@ -713,7 +734,7 @@ impl Store for SqliteStore {
         self.run(|conn| {
             let mut statement = conn.prepare_cached(
                 "SELECT app, inbound FROM messages
-                 WHERE response IS NULL AND history_id IS NULL AND deferred_until IS NULL
+                 WHERE response IS NULL AND deferred_until IS NULL
                  ORDER BY id",
             )?;
             let rows = statement
@@ -796,8 +817,13 @@ impl Store for SqliteStore {
             let (mut purged, expired_files) = self
                 .run(move |database| {
                     let Database { conn, history, dedup } = database;
-                    let dedup = dedup.purge(conn, before.dedup)?;
-                    let history = history.purge(conn, before.history)?;
+                    let dedup_purged = dedup.purge(conn, before.dedup)?;
+                    let keep_from = history.purge_from(conn, before.history)?;
+                    let reload_keys = dedup.keep_records_before(conn, keep_from)?;
+                    let history = history.purge(conn, keep_from)?;
+                    if reload_keys {
+                        dedup.reload(conn)?;
+                    }
                     let outbox_expired = conn
                         .prepare_cached(
                             "SELECT app, COUNT(*) FROM outbox WHERE expires_ms < ?1 GROUP BY app ORDER BY app",
@@ -810,7 +836,7 @@ impl Store for SqliteStore {
                         .prepare_cached("DELETE FROM files WHERE created_ms < ?1 RETURNING id")?
                         .query_map([before.files], |row| row.get(0))?
                         .collect::<rusqlite::Result<_>>()?;
-                    let purged = Purged { dedup, history, files: files.len() as u64, outbox_expired };
+                    let purged = Purged { dedup: dedup_purged, history, files: files.len() as u64, outbox_expired };
                     Ok((purged, files))
                 })
                 .await?;

@@ -1,7 +1,8 @@
 //! The dedup record's keys (see the store's `sqlite::dedup` module): kept in memory after a
 //! watermark, then written into `message_keys` as a sorted run, a slice at a time. A `msg_id`
-//! must be found wherever its key is (tail, run or table), across reopens, purges, rollbacks
-//! and migrations, and a purged one must be new again.
+//! must be found wherever its key is (tail, run or table), whichever kind of record it names
+//! (a dedup row, or the history entry of an echo), across reopens, purges, rollbacks and
+//! migrations, and a purged one must be new again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::path::Path;
@@ -18,8 +19,14 @@ fn open(dir: &Path, dedup_merge_rows: usize) -> SqliteStore {
     SqliteStore::open(dir, options).expect("open the store")
 }
 
-/// An echo's completion of `msg_id` in `app`.
+/// An echo's completion of `msg_id` in `app`: its history entry is its record.
 fn echoed(app: &str, msg_id: &str) -> Completion {
+    completed(app, msg_id, NOW, true)
+}
+
+/// A completion of `msg_id` in `app` stored at `at_ms`; its record is its history entry when
+/// the response is the entry's reply (`in_entry`), else a dedup row.
+fn completed(app: &str, msg_id: &str, at_ms: i64, in_entry: bool) -> Completion {
     let response = format!("{app}: response to {msg_id}");
     Completion {
         app: app.into(),
@@ -27,21 +34,23 @@ fn echoed(app: &str, msg_id: &str) -> Completion {
         response: response.clone(),
         history: vec![HistoryEntry {
             conversation: "c".into(),
-            at_ms: NOW,
+            at_ms,
             message: format!("{app}: message {msg_id}"),
-            reply: Some(response),
+            reply: in_entry.then_some(response),
         }],
     }
 }
 
-/// Records `count` messages in each app, interleaved, one job each; returns their `msg_id`s.
+/// Records `count` messages in each app, interleaved, one job each, every other one in its
+/// history entry; returns their `msg_id`s.
 async fn record(store: &SqliteStore, apps: &[&str], prefix: &str, count: usize) -> Vec<String> {
     let mut msg_ids = Vec::new();
     for n in 0..count {
         // Senders counting up in ranges of their own, as iagent-client's do.
         let msg_id = format!("{prefix}-{}-{n}", n % 7);
         for app in apps {
-            let claim = store.record(echoed(app, &msg_id), NOW).await.unwrap();
+            let completion = completed(app, &msg_id, NOW, n % 2 == 0);
+            let claim = store.record(completion, NOW).await.unwrap();
             assert_eq!(claim, Claim::New, "{app}/{msg_id}");
         }
         msg_ids.push(msg_id);
@@ -278,4 +287,221 @@ async fn a_database_with_the_unique_msg_id_index_is_moved_over() {
             .unwrap(),
         Claim::Pending
     );
+}
+
+/// How many records are kept as dedup rows, and how many as history entries.
+fn records(store: &SqliteStore) -> (i64, i64) {
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    conn.query_row(
+        "SELECT (SELECT COUNT(*) FROM messages),
+                (SELECT COUNT(*) FROM history WHERE msg_id IS NOT NULL)",
+        [],
+        |row| Ok((row.get(0)?, row.get(1)?)),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn an_echo_is_recorded_by_its_history_entry_alone() {
+    for merge_rows in [1, 1_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), merge_rows);
+        let msg_ids: Vec<String> = (0..6).map(|n| format!("m{n}")).collect();
+        for msg_id in &msg_ids {
+            let claim = store.record(echoed("shop", msg_id), NOW).await.unwrap();
+            assert_eq!(claim, Claim::New);
+        }
+        assert_eq!(records(&store), (0, 6), "merge_rows {merge_rows}");
+        assert_answered(&store, &["shop"], &msg_ids).await;
+        drop(store);
+        let store = open(dir.path(), merge_rows);
+        assert_answered(&store, &["shop"], &msg_ids).await;
+        assert_eq!(
+            store.record(echoed("shop", "m0"), NOW).await.unwrap(),
+            Claim::Answered("shop: response to m0".into()),
+            "written once"
+        );
+        assert_eq!(records(&store), (0, 6));
+    }
+}
+
+#[tokio::test]
+async fn a_dedup_purge_forgets_the_records_of_entries_and_keeps_the_entries() {
+    for merge_rows in [1, 3, 1_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), merge_rows);
+        let old: Vec<String> = (0..5).map(|n| format!("old{n}")).collect();
+        for msg_id in &old {
+            let completion = completed("shop", msg_id, NOW - 100, true);
+            store.record(completion, NOW - 100).await.unwrap();
+        }
+        let new = record(&store, &["shop"], "new", 4).await;
+        let purged = store.purge(dedup_before(NOW - 50)).await.unwrap();
+        assert_eq!(purged.dedup, 5, "merge_rows {merge_rows}");
+        assert_eq!(
+            store.history("shop", "c", 100).await.unwrap().len(),
+            2 * 5 + 4 + 2,
+            "every entry stays: 5 old and 2 new exchanges, 2 messages without a reply"
+        );
+        drop(store);
+        let store = open(dir.path(), merge_rows);
+        assert_answered(&store, &["shop"], &new).await;
+        for msg_id in &old {
+            let again = store.claim("shop", msg_id, "again".into(), NOW).await;
+            assert_eq!(
+                again.unwrap(),
+                Claim::New,
+                "{msg_id}, merge_rows {merge_rows}"
+            );
+        }
+    }
+}
+
+#[tokio::test]
+async fn a_history_purge_keeps_the_records_of_its_entries_inside_the_dedup_window() {
+    for merge_rows in [1, 3, 1_000_000] {
+        let dir = tempfile::tempdir().unwrap();
+        let store = open(dir.path(), merge_rows);
+        let msg_ids = record(&store, &["shop", "bank"], "m", 10).await;
+        let history_before = |history| PurgeBefore {
+            history,
+            ..dedup_before(0)
+        };
+        let purged = store.purge(history_before(NOW + 1)).await.unwrap();
+        assert_eq!((purged.history, purged.dedup), (20, 0));
+        assert!(store.history("shop", "c", 10).await.unwrap().is_empty());
+        assert_eq!(records(&store), (20, 0), "merge_rows {merge_rows}");
+        assert_answered(&store, &["shop", "bank"], &msg_ids).await;
+        drop(store);
+        let store = open(dir.path(), merge_rows);
+        assert_answered(&store, &["shop", "bank"], &msg_ids).await;
+        assert_eq!(store.purge(dedup_before(NOW + 1)).await.unwrap().dedup, 20);
+        let again = store.claim("shop", &msg_ids[0], "again".into(), NOW).await;
+        assert_eq!(again.unwrap(), Claim::New);
+    }
+}
+
+#[tokio::test]
+async fn entries_after_purges_that_emptied_the_history_are_found_after_a_reopen() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1_000_000);
+    for n in 0..3 {
+        store
+            .record(echoed("shop", &format!("old{n}")), NOW)
+            .await
+            .unwrap();
+    }
+    // The dedup window passes the entries, then the history's retention takes them all.
+    store.purge(dedup_before(NOW + 1)).await.unwrap();
+    let everything = PurgeBefore {
+        history: NOW + 1,
+        ..dedup_before(NOW + 1)
+    };
+    store.purge(everything).await.unwrap();
+    assert_eq!(records(&store), (0, 0));
+    drop(store);
+    // A new entry must not take an id the window has passed: a reopen would skip its key.
+    let store = open(dir.path(), 1_000_000);
+    let fresh = ["fresh".to_owned()];
+    store.record(echoed("shop", &fresh[0]), NOW).await.unwrap();
+    drop(store);
+    let store = open(dir.path(), 1_000_000);
+    assert_answered(&store, &["shop"], &fresh).await;
+}
+
+/// Whether `table` has the column `column`.
+fn has_column(store: &SqliteStore, table: &str, column: &str) -> bool {
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM pragma_table_info(?1) WHERE name = ?2)",
+        [table, column],
+        |row| row.get(0),
+    )
+    .unwrap()
+}
+
+#[tokio::test]
+async fn a_database_whose_dedup_rows_named_their_entries_is_folded_into_them() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("iagent.sqlite3")).unwrap();
+        // The layout before: an echo's dedup row named its entry (`history_id`), which named
+        // it back (`message_id`). Keys of rows 1 and 2 are merged; rows 3 and 4 are after the
+        // watermark, and entry 2 after the heads' one.
+        conn.execute_batch(
+            "CREATE TABLE messages (
+                id INTEGER PRIMARY KEY,
+                app TEXT NOT NULL,
+                msg_id TEXT NOT NULL,
+                received_ms INTEGER NOT NULL,
+                inbound TEXT,
+                response TEXT,
+                deferred_until INTEGER,
+                deferred_agent TEXT,
+                history_id INTEGER
+            );
+            CREATE TABLE history (
+                id INTEGER PRIMARY KEY,
+                app TEXT NOT NULL,
+                conversation TEXT NOT NULL,
+                at_ms INTEGER NOT NULL,
+                message TEXT NOT NULL,
+                reply TEXT,
+                message_id INTEGER,
+                prev INTEGER
+            );
+            CREATE TABLE history_heads (
+                app TEXT NOT NULL,
+                conversation TEXT NOT NULL,
+                head INTEGER NOT NULL,
+                PRIMARY KEY (app, conversation)
+            ) WITHOUT ROWID;
+            CREATE TABLE message_keys (
+                app TEXT NOT NULL,
+                msg_id TEXT NOT NULL,
+                id INTEGER NOT NULL,
+                PRIMARY KEY (app, msg_id)
+            ) WITHOUT ROWID;
+            CREATE TABLE store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+            INSERT INTO messages (id, app, msg_id, received_ms, inbound, response, history_id)
+                VALUES (1, 'shop', 'merged', 1, NULL, NULL, 1),
+                       (2, 'shop', 'declined', 1, NULL, 'not replying', NULL),
+                       (3, 'shop', 'tail', 1, NULL, NULL, 2),
+                       (4, 'shop', 'open', 1, '{\"msg_id\":\"open\"}', NULL, NULL);
+            INSERT INTO history (id, app, conversation, at_ms, message, reply, message_id, prev)
+                VALUES (1, 'shop', 'c', 1, 'message merged', 'response merged', 1, NULL),
+                       (2, 'shop', 'c', 1, 'message tail', 'response tail', 3, 1);
+            INSERT INTO history_heads VALUES ('shop', 'c', 1);
+            INSERT INTO message_keys VALUES ('shop', 'merged', 1), ('shop', 'declined', 2);
+            INSERT INTO store_meta VALUES ('message_keys_through', 2),
+                                          ('history_heads_through', 1);",
+        )
+        .unwrap();
+    }
+    let expected = [
+        ("merged", Claim::Answered("response merged".into())),
+        ("tail", Claim::Answered("response tail".into())),
+        ("declined", Claim::Answered("not replying".into())),
+        ("open", Claim::Pending),
+    ];
+    for reopen in 0..2 {
+        let store = open(dir.path(), 1_000_000);
+        assert!(!has_column(&store, "messages", "history_id"));
+        assert!(!has_column(&store, "history", "message_id"));
+        assert_eq!(records(&store), (2, 2), "reopen {reopen}");
+        for (msg_id, claim) in &expected {
+            let again = store.claim("shop", msg_id, "again".into(), NOW).await;
+            assert_eq!(&again.unwrap(), claim, "{msg_id}, reopen {reopen}");
+        }
+        assert_eq!(store.unanswered().await.unwrap().len(), 1);
+        assert_eq!(
+            store.history("shop", "c", 10).await.unwrap(),
+            [
+                "message merged",
+                "response merged",
+                "message tail",
+                "response tail"
+            ]
+        );
+    }
 }

@@ -385,7 +385,7 @@ async fn a_response_that_is_its_entrys_reply_is_stored_once_and_served_to_resend
         store.history("shop", "c", 10).await.unwrap(),
         ["message m1", "response to m1"]
     );
-    // A response that is not a reply (a 10, say) is stored with its dedup row.
+    // A response that is not a reply (a 10, say) is stored in a dedup row.
     let declined = completion("shop", "m2", "not replying", vec![history("c", NOW, "m2")]);
     store.record(declined, NOW).await.unwrap();
     assert_eq!(
@@ -398,7 +398,7 @@ async fn a_response_that_is_its_entrys_reply_is_stored_once_and_served_to_resend
 }
 
 #[tokio::test]
-async fn a_dedup_row_outliving_its_history_entry_keeps_its_response() {
+async fn a_record_outliving_its_history_entry_keeps_its_response() {
     let (dir, store) = fresh();
     store.record(echoed("old", NOW - 100), NOW).await.unwrap();
     store.record(echoed("new", NOW), NOW).await.unwrap();
@@ -429,7 +429,7 @@ async fn a_dedup_row_outliving_its_history_entry_keeps_its_response() {
         );
     }
     assert!(store.unanswered().await.unwrap().is_empty());
-    // Past the dedup window, both dedup rows go, whichever holds the response.
+    // Past the dedup window, both records go: the row the first became, and the entry.
     let purged = store
         .purge(PurgeBefore {
             dedup: NOW + 1,

@@ -20,6 +20,15 @@
 //! by a slice before that is found in both places, harmlessly. Ids are handed out here, never
 //! by SQLite, so that a row's id is never below the watermark: a purge that emptied the table
 //! must not let SQLite count from 1 again.
+//!
+//! A message answered by a repeatable agent has no dedup row: its history entry carries its
+//! `msg_id` and its reply is the response ([`Record::Entry`]), so that an echo costs one row,
+//! not two. Such a key is in the tail while the entry is after a watermark of its own
+//! (`message_keys_entries_through`), and in `message_keys` once merged. A dedup purge drops
+//! the keys of entries past the window and keeps the entries, whose history may be kept
+//! longer; the entries are expired up to `message_keys_entries_expired`. A history purge that
+//! takes an entry whose key is still live first copies its record into a dedup row
+//! ([`DedupKeys::keep_records_before`]).
 
 use std::collections::HashMap;
 
@@ -39,9 +48,10 @@ pub const DEFAULT_DEDUP_MERGE_ROWS: usize = 32_768;
 /// faster than messages come in.
 pub const DEDUP_MERGE_SLICE_ROWS: usize = 1024;
 
-/// The condition on which an `INSERT OR IGNORE ... SELECT` of a dedup row whose `app` and
-/// `msg_id` are its parameters `?2` and `?3` inserts it: that `message_keys` does not have its
-/// key. Where it inserts nothing, [`find_merged`] has the row that is there.
+/// The condition on which an `INSERT OR IGNORE ... SELECT` of a dedup row or a keyed history
+/// entry whose `app` and `msg_id` are its parameters `?2` and `?3` inserts it: that
+/// `message_keys` does not have its key. Where it inserts nothing, [`find_merged`] has the
+/// record that is there.
 ///
 /// `OR IGNORE`, because an `INSERT ... SELECT` may write many rows, and one that could abort
 /// halfway on a constraint makes SQLite copy every page it changes into a statement journal
@@ -55,12 +65,41 @@ macro_rules! not_merged {
 }
 pub(super) use not_merged;
 
-/// The id of the dedup row of `msg_id` whose key is in `message_keys`.
-pub(super) fn find_merged(conn: &Connection, app: &str, msg_id: &str) -> Result<Option<i64>> {
+/// Where the record of a `msg_id` is kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Record {
+    /// The dedup row (`messages.id`) that holds it.
+    Row(i64),
+    /// The history entry (`history.id`) that carries the `msg_id`, whose reply is the response.
+    Entry(i64),
+}
+
+impl Record {
+    /// As `message_keys.id` holds it: a row's id, or an entry's id negated. Ids are positive,
+    /// so the sign tells the two apart in the key's own 8 bytes.
+    fn key_id(self) -> i64 {
+        match self {
+            Self::Row(id) => id,
+            Self::Entry(id) => -id,
+        }
+    }
+
+    fn from_key_id(id: i64) -> Self {
+        if id < 0 {
+            Self::Entry(-id)
+        } else {
+            Self::Row(id)
+        }
+    }
+}
+
+/// The record of `msg_id` whose key is in `message_keys`.
+pub(super) fn find_merged(conn: &Connection, app: &str, msg_id: &str) -> Result<Option<Record>> {
     Ok(conn
         .prepare_cached("SELECT id FROM message_keys WHERE app = ?1 AND msg_id = ?2")?
         .query_row(params![app, msg_id], |row| row.get(0))
-        .optional()?)
+        .optional()?
+        .map(Record::from_key_id))
 }
 
 /// How many keys one statement of a merge inserts.
@@ -88,9 +127,16 @@ fn key_params(keys: &[(String, String, i64)]) -> impl Iterator<Item = &dyn ToSql
 /// The `store_meta` key of the last dedup row id whose key `message_keys` has.
 const WATERMARK_KEY: &str = "message_keys_through";
 
-/// Creates `message_keys`, and fills it from the dedup rows of a database that had none (its
-/// keys were in an index of `messages`), so that a large record never becomes a large tail.
-pub(super) fn migrate(conn: &Connection) -> Result<()> {
+/// The `store_meta` key of the last history id whose entry's key, if it has one, `message_keys`
+/// has (unless the dedup window has passed it).
+const ENTRIES_WATERMARK_KEY: &str = "message_keys_entries_through";
+
+/// The `store_meta` key of the last history id whose entry's key the dedup window has passed:
+/// such keys are out of `message_keys` and the tail.
+const ENTRIES_EXPIRED_KEY: &str = "message_keys_entries_expired";
+
+/// Creates `message_keys`. `id` is a [`Record`]'s key id.
+pub(super) fn create(conn: &Connection) -> Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS message_keys (
             app TEXT NOT NULL,
@@ -99,6 +145,12 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
             PRIMARY KEY (app, msg_id)
         ) WITHOUT ROWID;",
     )?;
+    Ok(())
+}
+
+/// Fills `message_keys` from the dedup rows of a database that had none (its keys were in an
+/// index of `messages`), so that a large record never becomes a large tail.
+pub(super) fn migrate(conn: &Connection) -> Result<()> {
     if watermark(conn)?.is_none() {
         conn.execute_batch(
             "INSERT OR REPLACE INTO message_keys (app, msg_id, id)
@@ -109,6 +161,37 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
                 row.get(0)
             })?;
         set_watermark(conn, through)?;
+    }
+    Ok(())
+}
+
+/// Moves the records of an earlier layout, in which an echo's dedup row in `table` named its
+/// history entry (`history_id`), into the entries: the entry takes the `msg_id` and the key
+/// names it, merged at once; the rows go. Entries carried no `msg_id` before, so every key
+/// of one is merged by then, which is where the entries' watermark starts.
+pub(super) fn fold_rows_into_entries(conn: &Connection, table: &str) -> Result<()> {
+    conn.execute_batch(&format!(
+        "UPDATE history SET msg_id = m.msg_id FROM {table} m
+             WHERE m.history_id = history.id AND m.app = history.app;
+         INSERT OR REPLACE INTO message_keys (app, msg_id, id)
+             SELECT m.app, m.msg_id, -m.history_id FROM {table} m
+             WHERE m.history_id IS NOT NULL
+               AND EXISTS (SELECT 1 FROM history h WHERE h.id = m.history_id)
+             ORDER BY m.app, m.msg_id;
+         DELETE FROM {table} WHERE history_id IS NOT NULL
+             AND EXISTS (SELECT 1 FROM history h WHERE h.id = history_id);"
+    ))?;
+    Ok(())
+}
+
+/// Sets where the entries' keys start, for a database from before entries carried them.
+pub(super) fn start_entries(conn: &Connection) -> Result<()> {
+    if super::meta(conn, ENTRIES_WATERMARK_KEY)?.is_none() {
+        let through: i64 =
+            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM history", [], |row| {
+                row.get(0)
+            })?;
+        super::set_meta(conn, ENTRIES_WATERMARK_KEY, through)?;
     }
     Ok(())
 }
@@ -127,15 +210,21 @@ fn set_watermark(conn: &Connection, through: i64) -> Result<()> {
 /// ([`DedupKeys::reload`]): a key whose row is gone must not say its `msg_id` was seen.
 #[derive(Debug)]
 pub(super) struct DedupKeys {
-    /// The keys of the rows after the watermark, by app, then by `msg_id`; those of the run
-    /// too, until it is written.
-    tail: HashMap<String, HashMap<String, i64>>,
-    /// Rows in the tail that are not in the run.
+    /// The keys of the rows and entries after their watermarks, by app, then by `msg_id`;
+    /// those of the run too, until it is written.
+    tail: HashMap<String, HashMap<String, Record>>,
+    /// Keys in the tail that are not in the run.
     rows: usize,
-    /// The number of rows in the tail at which it becomes the run.
+    /// The number of keys in the tail at which it becomes the run.
     merge_rows: usize,
-    /// The last id whose key `message_keys` has.
+    /// The last row id whose key `message_keys` has.
     through: i64,
+    /// The last entry id whose key, if live, `message_keys` has.
+    entries_through: i64,
+    /// The last entry id whose key the dedup window has passed.
+    entries_expired: i64,
+    /// The newest entry with a key in the tail.
+    last_entry: i64,
     /// The id of the next row: above every row's and the watermark.
     next_id: i64,
     /// The keys being written into `message_keys`.
@@ -145,21 +234,28 @@ pub(super) struct DedupKeys {
 /// The tail as it was when a merge began, sorted by key: the order it is written in.
 #[derive(Debug)]
 struct Run {
+    /// `(app, msg_id, key id)`: see [`Record::key_id`].
     keys: Vec<(String, String, i64)>,
     /// Keys before this are in `message_keys`, committed.
     written: usize,
-    /// The watermark once every key is written: the last id handed out when the run was taken.
+    /// The rows' watermark once every key is written: the last id handed out when the run
+    /// was taken.
     through: i64,
+    /// The entries' watermark once every key is written.
+    entries_through: i64,
 }
 
 impl DedupKeys {
-    /// Reads the tail back from the rows after the watermark.
+    /// Reads the tail back from the rows and entries after the watermarks.
     pub(super) fn load(conn: &Connection, merge_rows: usize) -> Result<Self> {
         let mut keys = Self {
             tail: HashMap::new(),
             rows: 0,
             merge_rows,
             through: 0,
+            entries_through: 0,
+            entries_expired: 0,
+            last_entry: 0,
             next_id: 1,
             run: None,
         };
@@ -167,18 +263,29 @@ impl DedupKeys {
         Ok(keys)
     }
 
-    /// Replaces the tail with what the database holds after the watermark; a merge under way
+    /// Replaces the tail with what the database holds after the watermarks; a merge under way
     /// starts over.
     pub(super) fn reload(&mut self, conn: &Connection) -> Result<()> {
         self.tail.clear();
         self.rows = 0;
         self.run = None;
         self.through = watermark(conn)?.unwrap_or(0);
+        self.entries_through = super::meta(conn, ENTRIES_WATERMARK_KEY)?.unwrap_or(0);
+        self.entries_expired = super::meta(conn, ENTRIES_EXPIRED_KEY)?.unwrap_or(0);
+        self.last_entry = self.entries_through;
         let mut rows = conn.prepare_cached("SELECT app, msg_id, id FROM messages WHERE id > ?1")?;
         let mut rows = rows.query([self.through])?;
         while let Some(row) = rows.next()? {
             let (app, msg_id): (String, String) = (row.get(0)?, row.get(1)?);
-            self.appended(&app, &msg_id, row.get(2)?);
+            self.appended(&app, &msg_id, Record::Row(row.get(2)?));
+        }
+        let mut entries = conn.prepare_cached(
+            "SELECT app, msg_id, id FROM history WHERE id > ?1 AND msg_id IS NOT NULL",
+        )?;
+        let mut entries = entries.query([self.entries_through.max(self.entries_expired)])?;
+        while let Some(entry) = entries.next()? {
+            let (app, msg_id): (String, String) = (entry.get(0)?, entry.get(1)?);
+            self.appended(&app, &msg_id, Record::Entry(entry.get(2)?));
         }
         let last: Option<i64> = conn
             .prepare_cached("SELECT MAX(id) FROM messages")?
@@ -193,41 +300,54 @@ impl DedupKeys {
         self.next_id
     }
 
-    /// The id of the dedup row of `msg_id`, if there is one.
-    pub(super) fn find(&self, conn: &Connection, app: &str, msg_id: &str) -> Result<Option<i64>> {
+    /// The record of `msg_id`, if there is one.
+    pub(super) fn find(
+        &self,
+        conn: &Connection,
+        app: &str,
+        msg_id: &str,
+    ) -> Result<Option<Record>> {
         match self.find_recent(app, msg_id) {
-            Some(id) => Ok(Some(id)),
+            Some(record) => Ok(Some(record)),
             None => find_merged(conn, app, msg_id),
         }
     }
 
-    /// The id of the dedup row of `msg_id` if it is one of the rows after the watermark. A new
-    /// row's insert checks `message_keys` itself, in the same statement (see
-    /// [`not_merged`]): a second statement for it cost as much as the check.
-    pub(super) fn find_recent(&self, app: &str, msg_id: &str) -> Option<i64> {
+    /// The record of `msg_id` if it is one of those after the watermarks. A new record's
+    /// insert checks `message_keys` itself, in the same statement (see [`not_merged`]): a
+    /// second statement for it cost as much as the check.
+    pub(super) fn find_recent(&self, app: &str, msg_id: &str) -> Option<Record> {
         self.tail.get(app)?.get(msg_id).copied()
     }
 
     /// Records that the row [`DedupKeys::next_id`] was inserted with this key.
     pub(super) fn inserted(&mut self, app: &str, msg_id: &str) {
-        self.appended(app, msg_id, self.next_id);
+        self.appended(app, msg_id, Record::Row(self.next_id));
         self.next_id += 1;
     }
 
-    fn appended(&mut self, app: &str, msg_id: &str, id: i64) {
+    /// Records that the history entry `id` was inserted with this key.
+    pub(super) fn inserted_entry(&mut self, app: &str, msg_id: &str, id: i64) {
+        self.appended(app, msg_id, Record::Entry(id));
+    }
+
+    fn appended(&mut self, app: &str, msg_id: &str, record: Record) {
         self.rows += 1;
+        if let Record::Entry(id) = record {
+            self.last_entry = self.last_entry.max(id);
+        }
         match self.tail.get_mut(app) {
             Some(keys) => {
-                keys.insert(msg_id.to_owned(), id);
+                keys.insert(msg_id.to_owned(), record);
             }
             None => {
-                let keys = HashMap::from([(msg_id.to_owned(), id)]);
+                let keys = HashMap::from([(msg_id.to_owned(), record)]);
                 self.tail.insert(app.to_owned(), keys);
             }
         }
     }
 
-    /// How many rows are in the tail.
+    /// How many keys are in the tail.
     pub(super) fn rows(&self) -> usize {
         self.rows
     }
@@ -239,7 +359,7 @@ impl DedupKeys {
     }
 
     /// Writes the next slice of the run (taking the tail as the run first, if none is under
-    /// way) into `message_keys`, in the caller's transaction, and moves the watermark once the
+    /// way) into `message_keys`, in the caller's transaction, and moves the watermarks once the
     /// slice is the run's last. The run counts the slice as written only in
     /// [`DedupKeys::merged`], once that transaction has committed.
     pub(super) fn merge(&mut self, conn: &Connection) -> Result<()> {
@@ -251,7 +371,7 @@ impl DedupKeys {
                     .iter()
                     .flat_map(|(app, keys)| {
                         keys.iter()
-                            .map(|(msg_id, &id)| (app.clone(), msg_id.clone(), id))
+                            .map(|(msg_id, record)| (app.clone(), msg_id.clone(), record.key_id()))
                     })
                     .collect();
                 keys.sort_unstable();
@@ -260,6 +380,7 @@ impl DedupKeys {
                     keys,
                     written: 0,
                     through: self.next_id - 1,
+                    entries_through: self.last_entry,
                 })
             }
         };
@@ -281,6 +402,7 @@ impl DedupKeys {
         }
         if end == run.keys.len() {
             set_watermark(conn, run.through)?;
+            super::set_meta(conn, ENTRIES_WATERMARK_KEY, run.entries_through)?;
         }
         Ok(())
     }
@@ -290,22 +412,29 @@ impl DedupKeys {
         if let Some(run) = &mut self.run {
             run.written = run.keys.len().min(run.written + DEDUP_MERGE_SLICE_ROWS);
             if run.written == run.keys.len() {
-                let through = run.through;
+                let (through, entries_through) = (run.through, run.entries_through);
                 self.tail.retain(|_, keys| {
-                    keys.retain(|_, id| *id > through);
+                    keys.retain(|_, record| match *record {
+                        Record::Row(id) => id > through,
+                        Record::Entry(id) => id > entries_through,
+                    });
                     !keys.is_empty()
                 });
                 self.through = through;
+                self.entries_through = entries_through;
                 self.run = None;
             }
         }
     }
 
-    /// Removes the answered dedup rows older than `before_ms`, and their keys, oldest row first,
-    /// up to the first one from `before_ms` on (which only the rows before it are read to find);
-    /// returns how many. A row's age is the gateway's clock when it was stored, so rows are old
-    /// in the order they were written, give or take the moments their writes waited. A message
-    /// not yet answered keeps its row whatever its age.
+    /// Forgets the records older than `before_ms`; returns how many.
+    ///
+    /// Answered dedup rows go with their keys, oldest row first, up to the first one from
+    /// `before_ms` on (which only the rows before it are read to find). A row's age is the
+    /// gateway's clock when it was stored, so rows are old in the order they were written,
+    /// give or take the moments their writes waited. A message not yet answered keeps its
+    /// row whatever its age. Entries that carry a record lose only the key, the same way by
+    /// their own time: the history keeps them for its own retention.
     pub(super) fn purge(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
         let keep_from: i64 = conn
             .prepare_cached("SELECT id FROM messages WHERE received_ms >= ?1 ORDER BY id LIMIT 1")?
@@ -314,21 +443,84 @@ impl DedupKeys {
             .unwrap_or(i64::MAX);
         conn.prepare_cached(
             "DELETE FROM message_keys
-             WHERE id < ?1 AND (app, msg_id) IN (
-                 SELECT app, msg_id FROM messages
-                 WHERE id < ?1 AND (response IS NOT NULL OR history_id IS NOT NULL))",
+             WHERE id > 0 AND id < ?1 AND (app, msg_id) IN (
+                 SELECT app, msg_id FROM messages WHERE id < ?1 AND response IS NOT NULL)",
         )?
         .execute([keep_from])?;
         let removed = conn
-            .prepare_cached(
-                "DELETE FROM messages WHERE id < ?1
-                 AND (response IS NOT NULL OR history_id IS NOT NULL)",
-            )?
+            .prepare_cached("DELETE FROM messages WHERE id < ?1 AND response IS NOT NULL")?
             .execute([keep_from])?;
-        // Rows of the tail went too.
-        if removed > 0 && keep_from > self.through + 1 {
+        let expired = self.expire_entries(conn, before_ms)?;
+        // Keys of the tail went too.
+        let rows_in_tail = removed > 0 && keep_from > self.through + 1;
+        if rows_in_tail || self.entries_expired > self.entries_through {
             self.reload(conn)?;
         }
-        Ok(removed as u64)
+        Ok(removed as u64 + expired)
+    }
+
+    /// Drops the keys of the entries older than `before_ms`, oldest first, up to the first one
+    /// from `before_ms` on; returns how many.
+    fn expire_entries(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
+        let keep_from: Option<i64> = conn
+            .prepare_cached(
+                "SELECT id FROM history WHERE id > ?1 AND at_ms >= ?2 ORDER BY id LIMIT 1",
+            )?
+            .query_row(params![self.entries_expired, before_ms], |row| row.get(0))
+            .optional()?;
+        let keep_from = match keep_from {
+            Some(id) => id,
+            None => conn
+                .prepare_cached("SELECT COALESCE(MAX(id), 0) + 1 FROM history")?
+                .query_row([], |row| row.get(0))?,
+        };
+        if keep_from <= self.entries_expired + 1 {
+            return Ok(0);
+        }
+        let expired: i64 = conn
+            .prepare_cached(
+                "SELECT COUNT(*) FROM history WHERE id > ?1 AND id < ?2 AND msg_id IS NOT NULL",
+            )?
+            .query_row([self.entries_expired, keep_from], |row| row.get(0))?;
+        conn.prepare_cached(
+            "DELETE FROM message_keys WHERE (app, msg_id, id) IN (
+                 SELECT app, msg_id, -id FROM history
+                 WHERE id > ?1 AND id < ?2 AND msg_id IS NOT NULL)",
+        )?
+        .execute([self.entries_expired, keep_from])?;
+        self.entries_expired = keep_from - 1;
+        super::set_meta(conn, ENTRIES_EXPIRED_KEY, self.entries_expired)?;
+        Ok(u64::try_from(expired).unwrap_or(0))
+    }
+
+    /// Before the history entries below `keep_from` are removed: the records among them that
+    /// are still inside the dedup window become dedup rows of their own, so that a resend
+    /// within the window gets its response whatever the history's retention, and their keys
+    /// leave `message_keys`. Returns whether the tail must be read back once the entries are
+    /// gone ([`DedupKeys::reload`]): it then finds the keys on the new rows, and no longer
+    /// those of the entries.
+    pub(super) fn keep_records_before(
+        &mut self,
+        conn: &Connection,
+        keep_from: i64,
+    ) -> Result<bool> {
+        let moved = conn
+            .prepare_cached(
+                "INSERT INTO messages (id, app, msg_id, received_ms, response)
+                 SELECT ?1 + ROW_NUMBER() OVER (ORDER BY id) - 1, app, msg_id, at_ms, reply
+                 FROM history WHERE id > ?2 AND id < ?3 AND msg_id IS NOT NULL
+                 ORDER BY id",
+            )?
+            .execute(params![self.next_id, self.entries_expired, keep_from])?;
+        if moved > 0 {
+            conn.prepare_cached(
+                "DELETE FROM message_keys WHERE (app, msg_id, id) IN (
+                     SELECT app, msg_id, -id FROM history
+                     WHERE id > ?1 AND id < ?2 AND msg_id IS NOT NULL)",
+            )?
+            .execute([self.entries_expired, keep_from])?;
+            self.next_id += i64::try_from(moved).unwrap_or(i64::MAX);
+        }
+        Ok(moved > 0 || keep_from > self.entries_through.max(self.entries_expired) + 1)
     }
 }

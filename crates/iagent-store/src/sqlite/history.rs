@@ -39,11 +39,11 @@ const WATERMARK_KEY: &str = "history_heads_through";
 /// Creates the history tables, and moves a database from an earlier layout over to them.
 pub(super) fn migrate(conn: &Connection) -> Result<()> {
     create(conn)?;
-    // A table from before an entry held its reply, or before a dedup row could point at it,
-    // gets the columns; its rows stay as they are (a reply stored as a row of its own reads
-    // back in the same order).
+    // A table from before an entry held its reply, or before it could carry a record, gets
+    // the columns; its rows stay as they are (a reply stored as a row of its own reads back
+    // in the same order).
     super::add_column(conn, "history", "reply TEXT")?;
-    super::add_column(conn, "history", "message_id INTEGER")?;
+    super::add_column(conn, "history", "msg_id TEXT")?;
     if super::add_column(conn, "history", "prev INTEGER")? {
         chain(conn)?;
     }
@@ -53,10 +53,10 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
 }
 
 /// The history tables. Ids come from [`HistoryHeads::next_id`], never from SQLite: an id must
-/// never be handed out twice, since a `prev` or a head naming a purged row must not come to
-/// name another (tables made before that keep their `AUTOINCREMENT`, harmlessly).
-/// `message_id` is the dedup row (`messages.id`) whose response is this entry's reply, stored
-/// here only.
+/// never be handed out twice, since a `prev`, a head or a dedup key naming a purged row must
+/// not come to name another (tables made before that keep their `AUTOINCREMENT`, harmlessly).
+/// `msg_id` is set on an entry whose reply is that message's response: the entry is also the
+/// message's dedup record (see [`super::dedup`]).
 fn create(conn: &Connection) -> Result<()> {
     conn.execute_batch(
         "CREATE TABLE IF NOT EXISTS history (
@@ -66,7 +66,7 @@ fn create(conn: &Connection) -> Result<()> {
             at_ms INTEGER NOT NULL,
             message TEXT NOT NULL,
             reply TEXT,
-            message_id INTEGER,
+            msg_id TEXT,
             prev INTEGER
         );
         CREATE TABLE IF NOT EXISTS history_heads (
@@ -172,39 +172,34 @@ impl HistoryHeads {
         Ok(())
     }
 
-    /// The id the next appended entry gets. The writer thread alone appends, so a job may
-    /// name the id before it appends (a dedup row pointing at its reply).
-    pub(super) fn next_id(&self) -> i64 {
-        self.next_id
-    }
-
-    /// Records that `id` is the newest entry of the conversation, and returns the entry it
-    /// replaces in the tail, if the conversation moved after the watermark before; allocates
-    /// only for a conversation new to the tail.
-    fn moved(&mut self, app: &str, conversation: &str, id: i64) -> Option<i64> {
+    /// Records that `id` is the newest entry of the conversation; allocates only for a
+    /// conversation new to the tail.
+    fn moved(&mut self, app: &str, conversation: &str, id: i64) {
         self.rows += 1;
         match self.tail.get_mut(app) {
             None => {
                 let conversations = BTreeMap::from([(conversation.to_owned(), id)]);
                 self.tail.insert(app.to_owned(), conversations);
-                None
             }
             Some(conversations) => match conversations.get_mut(conversation) {
-                Some(head) => Some(std::mem::replace(head, id)),
-                None => conversations.insert(conversation.to_owned(), id),
+                Some(head) => *head = id,
+                None => {
+                    conversations.insert(conversation.to_owned(), id);
+                }
             },
         }
+    }
+
+    /// The conversation's newest entry, if it moved after the watermark.
+    fn tail_head(&self, app: &str, conversation: &str) -> Option<i64> {
+        self.tail.get(app)?.get(conversation).copied()
     }
 
     /// The id of the conversation's newest entry: in the tail if it moved after the
     /// watermark, else in `history_heads`.
     fn head(&self, conn: &Connection, app: &str, conversation: &str) -> Result<Option<i64>> {
-        match self
-            .tail
-            .get(app)
-            .and_then(|conversations| conversations.get(conversation))
-        {
-            Some(&head) => Ok(Some(head)),
+        match self.tail_head(app, conversation) {
+            Some(head) => Ok(Some(head)),
             None => merged_head(conn, app, conversation),
         }
     }
@@ -216,53 +211,67 @@ impl HistoryHeads {
         app: &str,
         entries: &[HistoryEntry],
     ) -> Result<()> {
-        entries
-            .iter()
-            .try_for_each(|entry| self.insert(conn, app, entry, None))
+        for entry in entries {
+            self.insert(conn, app, entry, None)?;
+        }
+        Ok(())
     }
 
-    /// Appends an entry whose reply is also the response of the dedup row `message_id`,
-    /// which points back at it (as [`HistoryHeads::next_id`]) instead of holding a copy.
-    pub(super) fn append_reply_of(
+    /// Appends an entry whose reply is the response to `msg_id`, as that message's dedup
+    /// record, unless `message_keys` has the key already; returns the entry's id, or `None`
+    /// when it had (and nothing was written).
+    pub(super) fn append_record(
         &mut self,
         conn: &Connection,
         app: &str,
+        msg_id: &str,
         entry: &HistoryEntry,
-        message_id: i64,
-    ) -> Result<()> {
-        self.insert(conn, app, entry, Some(message_id))
+    ) -> Result<Option<i64>> {
+        let id = self.next_id;
+        Ok(self.insert(conn, app, entry, Some(msg_id))?.then_some(id))
     }
 
+    /// Inserts an entry; says whether it was written (a record's is not when its key is
+    /// merged already). The tail moves only once the row is in.
     fn insert(
         &mut self,
         conn: &Connection,
         app: &str,
         entry: &HistoryEntry,
-        message_id: Option<i64>,
-    ) -> Result<()> {
-        // The tail moves first, so that one lookup both finds the previous head and replaces
-        // it. Should the insert then fail, the job's rows were counted and the writer reads the
-        // tail back, as after any failing job that appended history.
-        let prev = match self.moved(app, &entry.conversation, self.next_id) {
+        msg_id: Option<&str>,
+    ) -> Result<bool> {
+        let prev = match self.tail_head(app, &entry.conversation) {
             Some(prev) => Some(prev),
             None => merged_head(conn, app, &entry.conversation)?,
         };
-        conn.prepare_cached(
-            "INSERT INTO history (id, app, conversation, at_ms, message, reply, message_id, prev)
-             VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-        )?
-        .execute(params![
+        let sql = match msg_id {
+            None => {
+                "INSERT INTO history (id, app, msg_id, conversation, at_ms, message, reply, prev)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
+            }
+            Some(_) => concat!(
+                "INSERT OR IGNORE INTO history
+                     (id, app, msg_id, conversation, at_ms, message, reply, prev)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE ",
+                super::dedup::not_merged!()
+            ),
+        };
+        let inserted = conn.prepare_cached(sql)?.execute(params![
             self.next_id,
             app,
+            msg_id,
             entry.conversation,
             entry.at_ms,
             entry.message,
             entry.reply,
-            message_id,
             prev
         ])?;
+        if inserted == 0 {
+            return Ok(false);
+        }
+        self.moved(app, &entry.conversation, self.next_id);
         self.next_id += 1;
-        Ok(())
+        Ok(true)
     }
 
     /// The last `limit` messages of a conversation, as JSON text, oldest first, read from
@@ -308,33 +317,35 @@ impl HistoryHeads {
         Ok(newest_first)
     }
 
-    /// Removes the oldest history entries, up to the first one from `before_ms` on; returns
-    /// how many. The tail is read back afterwards. Every statement runs inside SQLite, so a
-    /// purge of millions of rows (after a long stop) holds none of them in memory.
+    /// The first entry a purge of the entries older than `before_ms` keeps: they go oldest
+    /// row first, up to the first one from `before_ms` on, found by reading the rows before
+    /// it in id order.
     ///
     /// An entry's age is the gateway's clock when it was stored, so entries are old in the
     /// order they were written, give or take the moments their writes waited; one written
     /// out of that order is purged with its neighbours.
-    pub(super) fn purge(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
-        // Rows are read in id order only up to the first one to keep.
-        let keep_from: i64 = conn
+    pub(super) fn purge_from(&self, conn: &Connection, before_ms: i64) -> Result<i64> {
+        Ok(conn
             .prepare_cached("SELECT id FROM history WHERE at_ms >= ?1 ORDER BY id LIMIT 1")?
             .query_row([before_ms], |row| row.get(0))
             .optional()?
-            .unwrap_or(self.next_id);
-        // A dedup row still inside its window keeps its response: the reply goes back into it.
-        conn.prepare_cached(
-            "UPDATE messages SET response = h.reply, history_id = NULL
-             FROM history h
-             WHERE h.id < ?1 AND h.message_id IS NOT NULL
-               AND messages.id = h.message_id AND messages.history_id = h.id",
-        )?
-        .execute([keep_from])?;
+            .unwrap_or(self.next_id))
+    }
+
+    /// Removes the entries before `keep_from` (see [`HistoryHeads::purge_from`]); returns how
+    /// many. The tail is read back afterwards. Every statement runs inside SQLite, so a purge
+    /// of millions of rows (after a long stop) holds none of them in memory.
+    pub(super) fn purge(&mut self, conn: &Connection, keep_from: i64) -> Result<u64> {
         let removed = conn
             .prepare_cached("DELETE FROM history WHERE id < ?1")?
             .execute([keep_from])?;
         conn.prepare_cached("DELETE FROM history_heads WHERE head < ?1")?
             .execute([keep_from])?;
+        // No row is left before `keep_from`, so the watermark may move up to it: the ids of
+        // the rows gone are then never handed out again, even to a table the purge emptied,
+        // and no key or head that named one comes to name another.
+        let through = watermark(conn)?.unwrap_or(0).max(keep_from - 1);
+        set_watermark(conn, through)?;
         self.reload(conn)?;
         Ok(removed as u64)
     }

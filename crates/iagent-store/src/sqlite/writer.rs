@@ -31,17 +31,6 @@ impl Database {
         self.history.append(&self.conn, app, entries)
     }
 
-    /// Appends the entry whose reply is the response of the dedup row `message_id`.
-    pub(super) fn append_reply_of(
-        &mut self,
-        app: &str,
-        entry: &HistoryEntry,
-        message_id: i64,
-    ) -> Result<()> {
-        self.history
-            .append_reply_of(&self.conn, app, entry, message_id)
-    }
-
     /// Rows appended to each tail since it was last read back or merged: a job that changed
     /// them and was rolled back took rows the tails still name.
     fn appended(&self) -> [usize; 2] {
