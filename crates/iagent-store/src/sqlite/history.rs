@@ -20,7 +20,7 @@
 //! the entries a conversation keeps are always the newest ones: every chain ends where the
 //! purge stopped, and no entry is left unreachable behind a purged one.
 
-use std::collections::BTreeMap;
+use std::collections::HashMap;
 
 use rusqlite::{Connection, OptionalExtension, params};
 
@@ -119,8 +119,10 @@ fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Optio
 }
 
 /// The head of each conversation that moved after the watermark, by app, then by
-/// conversation: the order a merge writes them in.
-type Tail = BTreeMap<String, BTreeMap<String, i64>>;
+/// conversation. Hashed, not ordered: each message looks its conversation up twice, and in an
+/// ordered map of thousands of keys that share their first bytes, the string comparisons
+/// were about 5% of the writer's time; a merge sorts the heads instead, once.
+type Tail = HashMap<String, HashMap<String, i64>>;
 
 /// The in-memory part of the conversation heads: the tail.
 ///
@@ -178,7 +180,7 @@ impl HistoryHeads {
         self.rows += 1;
         match self.tail.get_mut(app) {
             None => {
-                let conversations = BTreeMap::from([(conversation.to_owned(), id)]);
+                let conversations = HashMap::from([(conversation.to_owned(), id)]);
                 self.tail.insert(app.to_owned(), conversations);
             }
             Some(conversations) => match conversations.get_mut(conversation) {
@@ -360,18 +362,27 @@ impl HistoryHeads {
         self.rows >= self.merge_rows
     }
 
-    /// Writes the tail's heads into `history_heads` in key order and moves the watermark past
-    /// every row appended, in the caller's transaction. The tail is emptied only by
-    /// [`HistoryHeads::merged`], once that transaction has committed.
+    /// Writes the tail's heads into `history_heads` in key order, so that neighbouring heads
+    /// share their pages, and moves the watermark past every row appended, in the caller's
+    /// transaction. The tail is emptied only by [`HistoryHeads::merged`], once that transaction
+    /// has committed.
     pub(super) fn merge(&self, conn: &Connection) -> Result<()> {
+        let mut heads: Vec<(&str, &str, i64)> = self
+            .tail
+            .iter()
+            .flat_map(|(app, conversations)| {
+                conversations
+                    .iter()
+                    .map(move |(conversation, &head)| (app.as_str(), conversation.as_str(), head))
+            })
+            .collect();
+        heads.sort_unstable();
         let mut upsert = conn.prepare_cached(
             "INSERT INTO history_heads (app, conversation, head) VALUES (?1, ?2, ?3)
              ON CONFLICT (app, conversation) DO UPDATE SET head = excluded.head",
         )?;
-        for (app, conversations) in &self.tail {
-            for (conversation, &head) in conversations {
-                upsert.execute(params![app, conversation, head])?;
-            }
+        for (app, conversation, head) in heads {
+            upsert.execute(params![app, conversation, head])?;
         }
         set_watermark(conn, self.next_id - 1)
     }
