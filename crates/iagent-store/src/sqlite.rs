@@ -367,6 +367,38 @@ fn issue_token(conn: &Connection, app: &str, now_ms: i64) -> Result<Token> {
     Ok(token)
 }
 
+/// Appends the dedup row of `msg_id`, holding the inbound message (a claim) or the response (a
+/// record), unless `message_keys` has its key; the caller has looked in the tail. Returns
+/// [`Claim::New`] when written, else what became of the message.
+fn insert_row(
+    database: &mut Database,
+    app: &str,
+    msg_id: &str,
+    received_ms: i64,
+    inbound: Option<&str>,
+    response: Option<&str>,
+) -> Result<Claim> {
+    let inserted = database
+        .prepare_cached(concat!(
+            "INSERT OR IGNORE INTO messages (id, app, msg_id, received_ms, inbound, response)
+             SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE ",
+            dedup::not_merged!()
+        ))?
+        .execute(params![
+            database.dedup.next_id(),
+            app,
+            msg_id,
+            received_ms,
+            inbound,
+            response
+        ])?;
+    if inserted == 0 {
+        return earlier_merged_claim(database, app, msg_id);
+    }
+    database.dedup.inserted(app, msg_id);
+    Ok(Claim::New)
+}
+
 /// What became of a message whose insert found its key in `message_keys`.
 fn earlier_merged_claim(conn: &Connection, app: &str, msg_id: &str) -> Result<Claim> {
     let record =
@@ -583,24 +615,7 @@ impl Store for SqliteStore {
             if let Some(id) = database.dedup.find_recent(&app, &msg_id) {
                 return earlier_claim(database, id);
             }
-            let inserted = database
-                .prepare_cached(concat!(
-                    "INSERT OR IGNORE INTO messages (id, app, msg_id, received_ms, inbound)
-                     SELECT ?1, ?2, ?3, ?4, ?5 WHERE ",
-                    dedup::not_merged!()
-                ))?
-                .execute(params![
-                    database.dedup.next_id(),
-                    app,
-                    msg_id,
-                    now_ms,
-                    inbound
-                ])?;
-            if inserted == 0 {
-                return earlier_merged_claim(database, &app, &msg_id);
-            }
-            database.dedup.inserted(&app, &msg_id);
-            Ok(Claim::New)
+            insert_row(database, &app, &msg_id, now_ms, Some(&inbound), None)
         })
     }
 
@@ -628,25 +643,18 @@ impl Store for SqliteStore {
                     None => earlier_merged_claim(conn, app, msg_id),
                 };
             }
-            let inserted = database
-                .prepare_cached(concat!(
-                    "INSERT OR IGNORE INTO messages (id, app, msg_id, received_ms, response)
-                     SELECT ?1, ?2, ?3, ?4, ?5 WHERE ",
-                    dedup::not_merged!()
-                ))?
-                .execute(params![
-                    database.dedup.next_id(),
-                    app,
-                    msg_id,
-                    received_ms,
-                    completion.response
-                ])?;
-            if inserted == 0 {
-                return earlier_merged_claim(database, app, msg_id);
+            let claim = insert_row(
+                database,
+                app,
+                msg_id,
+                received_ms,
+                None,
+                Some(&completion.response),
+            )?;
+            if claim == Claim::New {
+                database.append_history(app, &completion.history)?;
             }
-            database.dedup.inserted(app, msg_id);
-            database.append_history(app, &completion.history)?;
-            Ok(Claim::New)
+            Ok(claim)
         })
     }
 

@@ -453,7 +453,8 @@ impl DedupKeys {
         let expired = self.expire_entries(conn, before_ms)?;
         // Keys of the tail went too.
         let rows_in_tail = removed > 0 && keep_from > self.through + 1;
-        if rows_in_tail || self.entries_expired > self.entries_through {
+        let entries_in_tail = expired > 0 && self.entries_expired > self.entries_through;
+        if rows_in_tail || entries_in_tail {
             self.reload(conn)?;
         }
         Ok(removed as u64 + expired)
