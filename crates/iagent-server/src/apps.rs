@@ -4,6 +4,7 @@
 //! Everything an app does touches only its own [`AppState`], which is how apps stay isolated:
 //! a response is only ever routed through the pool of the app whose message it answers.
 
+use std::collections::hash_map::Entry;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
@@ -168,6 +169,11 @@ impl OutboxState {
     }
 }
 
+/// A map keyed by ids that come with every message. Each message costs several look-ups in
+/// these maps, and SipHash on its short keys was most of their cost; foldhash is a fraction
+/// of it, seeded at random per process, and every map is bounded by an in-flight limit.
+type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
+
 /// A message being processed.
 #[derive(Debug)]
 struct Pending {
@@ -182,9 +188,9 @@ struct Pending {
 /// without a moment in which a resend would find it in neither.
 #[derive(Debug, Default)]
 struct InFlight {
-    by_msg: HashMap<String, Pending>,
-    by_sender: HashMap<String, usize>,
-    deferred: HashMap<String, Deferred>,
+    by_msg: IdMap<String, Pending>,
+    by_sender: IdMap<String, usize>,
+    deferred: IdMap<String, Deferred>,
 }
 
 impl InFlight {
@@ -239,7 +245,7 @@ pub(crate) struct AppState {
     /// Messages in flight: a duplicate arriving meanwhile is not processed twice.
     in_flight: Mutex<InFlight>,
     /// Per-conversation queues; a conversation is present exactly while its worker runs.
-    conversations: Mutex<HashMap<ConversationKey, VecDeque<Job>>>,
+    conversations: Mutex<IdMap<ConversationKey, VecDeque<Job>>>,
     /// Outbox bookkeeping.
     pub(crate) outbox: OutboxState,
     /// The app's message rate limit, if it has one.
@@ -397,25 +403,27 @@ impl AppState {
                 return (Begin::Overloaded(Box::new(job)), None);
             }
             let sender = &job.message.sender_id;
-            if in_flight.by_sender.get(sender).copied().unwrap_or(0) >= limits.per_sender {
-                return (Begin::SenderBusy(Box::new(job)), None);
+            match in_flight.by_sender.get_mut(sender) {
+                Some(count) if *count < limits.per_sender => *count += 1,
+                None if limits.per_sender > 0 => {
+                    in_flight.by_sender.insert(sender.clone(), 1);
+                }
+                _ => return (Begin::SenderBusy(Box::new(job)), None),
             }
-            *in_flight.by_sender.entry(sender.clone()).or_default() += 1;
             let pending = Pending {
                 origin,
                 sender: sender.clone(),
             };
             in_flight.by_msg.insert(job.message.msg_id.clone(), pending);
         }
-        let key = job.conversation.clone();
-        let mut conversations = lock(&self.conversations);
-        match conversations.get_mut(&key) {
-            Some(queue) => {
-                queue.push_back(job);
+        match lock(&self.conversations).entry(job.conversation.clone()) {
+            Entry::Occupied(mut queue) => {
+                queue.get_mut().push_back(job);
                 (Begin::Queued, None)
             }
-            None => {
-                conversations.insert(key.clone(), VecDeque::from([job]));
+            Entry::Vacant(slot) => {
+                let key = slot.key().clone();
+                slot.insert(VecDeque::from([job]));
                 (Begin::Queued, Some(key))
             }
         }
@@ -424,13 +432,16 @@ impl AppState {
     /// The next message of a conversation, or `None` when it is done (and then forgotten, so
     /// that the next message starts a new worker).
     pub(crate) fn next_job(&self, key: &ConversationKey) -> Option<Job> {
-        let mut conversations = lock(&self.conversations);
-        let queue = conversations.get_mut(key)?;
-        let job = queue.pop_front();
-        if job.is_none() {
-            conversations.remove(key);
+        match lock(&self.conversations).entry(key.clone()) {
+            Entry::Occupied(mut queue) => {
+                let job = queue.get_mut().pop_front();
+                if job.is_none() {
+                    queue.remove();
+                }
+                job
+            }
+            Entry::Vacant(_) => None,
         }
-        job
     }
 
     /// Ends a message's time in flight; returns where its response goes.

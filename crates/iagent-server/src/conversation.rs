@@ -23,30 +23,35 @@ use crate::gateway::Gateway;
 use crate::ids::now_ms;
 
 /// A conversation: private chat = (user, agent) within the app, group chat = the group.
+///
+/// Held as the key under which the store keeps the conversation's history, made once per
+/// message: the queue map hashes and compares one string, and the queue and the worker share
+/// it without copying.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub(crate) enum ConversationKey {
-    Private { user: String, agent: String },
-    Group(String),
-}
+pub(crate) struct ConversationKey(Arc<str>);
 
 impl ConversationKey {
     pub(crate) fn of(message: &Message, agent: &str) -> Self {
         match (message.chat_type, &message.group_id) {
-            (ChatType::Group, Some(group)) => Self::Group(group.clone()),
-            _ => Self::Private {
-                user: message.sender_id.clone(),
-                agent: agent.to_owned(),
-            },
+            (ChatType::Group, Some(group)) => Self::group(group),
+            _ => Self::private(&message.sender_id, agent),
         }
     }
 
-    /// The key under which the store keeps the conversation's history. The user id's length
-    /// is spelled out, so no choice of ids makes two conversations share a key.
-    pub(crate) fn storage_key(&self) -> String {
-        match self {
-            Self::Private { user, agent } => format!("p:{}:{user}:{agent}", user.len()),
-            Self::Group(group) => format!("g:{group}"),
-        }
+    /// The private chat of `user` with `agent`. The user id's length is spelled out, so no
+    /// choice of ids makes two conversations share a key.
+    pub(crate) fn private(user: &str, agent: &str) -> Self {
+        Self(format!("p:{}:{user}:{agent}", user.len()).into())
+    }
+
+    /// The chat of a group.
+    pub(crate) fn group(group: &str) -> Self {
+        Self(format!("g:{group}").into())
+    }
+
+    /// The key under which the store keeps the conversation's history.
+    pub(crate) fn storage_key(&self) -> &str {
+        &self.0
     }
 }
 
@@ -453,7 +458,7 @@ async fn earlier_messages(
     let limit = u32::try_from(wanted).unwrap_or(u32::MAX);
     let stored = gateway
         .store
-        .history(&app.name, &conversation.storage_key(), limit)
+        .history(&app.name, conversation.storage_key(), limit)
         .await?;
     Ok(stored
         .iter()
@@ -470,7 +475,7 @@ fn history(
     frame: &str,
 ) -> Vec<HistoryEntry> {
     vec![HistoryEntry {
-        conversation: conversation.storage_key(),
+        conversation: conversation.storage_key().to_owned(),
         // The gateway's clock, not the sender's: retention must not be the backend's to set.
         at_ms: response.timestamp,
         message: inbound,
@@ -523,19 +528,10 @@ mod tests {
 
     #[test]
     fn storage_keys_of_different_conversations_differ() {
-        let a = ConversationKey::Private {
-            user: "a:b".into(),
-            agent: "c".into(),
-        };
-        let b = ConversationKey::Private {
-            user: "a".into(),
-            agent: "b:c".into(),
-        };
+        let a = ConversationKey::private("a:b", "c");
+        let b = ConversationKey::private("a", "b:c");
         assert_ne!(a.storage_key(), b.storage_key());
-        assert_ne!(
-            ConversationKey::Group("x".into()).storage_key(),
-            a.storage_key()
-        );
+        assert_ne!(ConversationKey::group("x").storage_key(), a.storage_key());
     }
 
     #[test]

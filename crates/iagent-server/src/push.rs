@@ -118,14 +118,13 @@ pub(crate) async fn push(
         return refusal;
     }
     let conversation = match (chat_type, &message.group_id, &message.receiver_id) {
-        (ChatType::Group, Some(group), _) => ConversationKey::Group(group.clone()),
-        (_, _, receiver) => ConversationKey::Private {
-            user: receiver.clone().unwrap_or_default(),
-            agent: message.sender_id.clone(),
-        },
+        (ChatType::Group, Some(group), _) => ConversationKey::group(group),
+        (_, _, receiver) => {
+            ConversationKey::private(receiver.as_deref().unwrap_or_default(), &message.sender_id)
+        }
     };
     let entry = HistoryEntry {
-        conversation: conversation.storage_key(),
+        conversation: conversation.storage_key().to_owned(),
         at_ms: message.timestamp,
         message: frame.clone(),
         reply: None,

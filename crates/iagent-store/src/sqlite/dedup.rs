@@ -30,10 +30,9 @@
 //! takes an entry whose key is still live first copies its record into a dedup row
 //! ([`DedupKeys::keep_records_before`]).
 
-use std::collections::HashMap;
-
 use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
 
+use super::{KeyMap, key_map};
 use crate::Result;
 
 /// How many dedup rows are appended, by default, before their keys are written into
@@ -212,7 +211,7 @@ fn set_watermark(conn: &Connection, through: i64) -> Result<()> {
 pub(super) struct DedupKeys {
     /// The keys of the rows and entries after their watermarks, by app, then by `msg_id`;
     /// those of the run too, until it is written.
-    tail: HashMap<String, HashMap<String, Record>>,
+    tail: KeyMap<KeyMap<Record>>,
     /// Keys in the tail that are not in the run.
     rows: usize,
     /// The number of keys in the tail at which it becomes the run.
@@ -249,7 +248,7 @@ impl DedupKeys {
     /// Reads the tail back from the rows and entries after the watermarks.
     pub(super) fn load(conn: &Connection, merge_rows: usize) -> Result<Self> {
         let mut keys = Self {
-            tail: HashMap::new(),
+            tail: KeyMap::default(),
             rows: 0,
             merge_rows,
             through: 0,
@@ -341,8 +340,7 @@ impl DedupKeys {
                 keys.insert(msg_id.to_owned(), record);
             }
             None => {
-                let keys = HashMap::from([(msg_id.to_owned(), record)]);
-                self.tail.insert(app.to_owned(), keys);
+                self.tail.insert(app.to_owned(), key_map(msg_id, record));
             }
         }
     }

@@ -20,10 +20,9 @@
 //! the entries a conversation keeps are always the newest ones: every chain ends where the
 //! purge stopped, and no entry is left unreachable behind a purged one.
 
-use std::collections::HashMap;
-
 use rusqlite::{Connection, OptionalExtension, params};
 
+use super::{KeyMap, key_map};
 use crate::{HistoryEntry, Result};
 
 /// How many rows are appended, by default, before the heads that moved are written into
@@ -122,7 +121,7 @@ fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Optio
 /// conversation. Hashed, not ordered: each message looks its conversation up twice, and in an
 /// ordered map of thousands of keys that share their first bytes, the string comparisons
 /// were about 5% of the writer's time; a merge sorts the heads instead, once.
-type Tail = HashMap<String, HashMap<String, i64>>;
+type Tail = KeyMap<KeyMap<i64>>;
 
 /// The in-memory part of the conversation heads: the tail.
 ///
@@ -145,7 +144,7 @@ impl HistoryHeads {
     /// Reads the tail back from the rows after the watermark.
     pub(super) fn load(conn: &Connection, merge_rows: usize) -> Result<Self> {
         let mut heads = Self {
-            tail: Tail::new(),
+            tail: Tail::default(),
             rows: 0,
             merge_rows,
             next_id: 1,
@@ -180,8 +179,7 @@ impl HistoryHeads {
         self.rows += 1;
         match self.tail.get_mut(app) {
             None => {
-                let conversations = HashMap::from([(conversation.to_owned(), id)]);
-                self.tail.insert(app.to_owned(), conversations);
+                self.tail.insert(app.to_owned(), key_map(conversation, id));
             }
             Some(conversations) => match conversations.get_mut(conversation) {
                 Some(head) => *head = id,
