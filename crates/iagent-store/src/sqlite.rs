@@ -8,6 +8,7 @@
 mod checkpoint;
 mod dedup;
 mod history;
+mod lock_wait;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -200,8 +201,9 @@ fn configure(conn: &Connection, options: &Options) -> Result<()> {
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // The checkpointer copies the WAL back; the writer only bounds it.
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT)?;
-    // The CLI may write (create an app) while a gateway serves from the same file.
-    conn.busy_timeout(std::time::Duration::from_secs(5))?;
+    // The checkpointer takes the write lock for a moment several times a second, and the CLI
+    // may write (create an app) while a gateway serves from the same file.
+    lock_wait::install(conn)?;
     Ok(())
 }
 
