@@ -238,75 +238,66 @@ fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de Raw
 )]
 pub fn parse_inbound(frame: &str, limits: &Limits) -> Result<Message, Rejection> {
     let raw = read_object(frame)?;
-    let mut rejection = Rejection::unreadable(Violation::NotObject);
+    read_message(&raw)
+        .and_then(|message| check_message(&message, limits).map(|()| message))
+        .map_err(|violation| rejection(&raw, violation))
+}
 
-    // Read first what a 40 response needs to refer to the message, so that a rejection for any
-    // other field still reaches its sender with its ref_msg_id.
-    let msg_id = id_field(raw.msg_id, "msg_id");
-    rejection.msg_id = msg_id.as_ref().ok().cloned();
-    let sender_id = id_field(raw.sender_id, "sender_id");
-    rejection.sender_id = sender_id.as_ref().ok().cloned();
-    let chat_type = enum_field(
-        raw.chat_type,
-        ChatType::FIELD,
-        ChatType::ALLOWED,
-        ChatType::from_code,
-    );
-    rejection.chat_type = chat_type.as_ref().ok().copied();
-    let group_id = optional_string(raw.group_id, "group_id");
-    rejection.group_id = group_id
-        .as_ref()
-        .ok()
-        .cloned()
-        .flatten()
-        .filter(|g| !g.is_empty() && g.len() <= MAX_ID_BYTES);
-
-    let fail = |violation: Violation| Rejection {
-        violation,
-        ..rejection.clone()
-    };
-    let message = (|| {
-        let chat_type = chat_type?;
-        let msg_id = msg_id?;
-        let ref_msg_id = optional_string(raw.ref_msg_id, "ref_msg_id")?;
-        let timestamp = timestamp_field(raw.timestamp)?;
-        let group_id = group_id?;
-        let sender_type = enum_field(
+/// The message a frame's fields make, or the first rule they break.
+fn read_message(raw: &RawFrame<'_>) -> Result<Message, Violation> {
+    Ok(Message {
+        chat_type: enum_field(
+            raw.chat_type,
+            ChatType::FIELD,
+            ChatType::ALLOWED,
+            ChatType::from_code,
+        )?,
+        msg_id: id_field(raw.msg_id, "msg_id")?,
+        ref_msg_id: optional_string(raw.ref_msg_id, "ref_msg_id")?,
+        timestamp: timestamp_field(raw.timestamp)?,
+        group_id: optional_string(raw.group_id, "group_id")?,
+        sender_type: enum_field(
             raw.sender_type,
             SenderType::FIELD,
             SenderType::ALLOWED,
             SenderType::from_code,
-        )?;
-        let sender_id = sender_id?;
-        let receiver_id = optional_string(raw.receiver_id, "receiver_id")?;
-        let resp_code = enum_field(raw.resp_code, RespCode::FIELD, RespCode::ALLOWED, |code| {
+        )?,
+        sender_id: id_field(raw.sender_id, "sender_id")?,
+        receiver_id: optional_string(raw.receiver_id, "receiver_id")?,
+        resp_code: enum_field(raw.resp_code, RespCode::FIELD, RespCode::ALLOWED, |code| {
             (code == 0).then_some(RespCode::Ok)
-        })?;
-        let content_type = enum_field(
+        })?,
+        content_type: enum_field(
             raw.content_type,
             ContentType::FIELD,
             ContentType::ALLOWED,
             ContentType::from_code,
-        )?;
-        let content = string_field(raw.content, "content")?;
-        Ok(Message {
-            chat_type,
-            msg_id,
-            ref_msg_id,
-            timestamp,
-            group_id,
-            sender_type,
-            sender_id,
-            receiver_id,
-            resp_code,
-            content_type,
-            content,
-        })
-    })()
-    .map_err(fail)?;
+        )?,
+        content: string_field(raw.content, "content")?,
+    })
+}
 
-    check_message(&message, limits).map_err(fail)?;
-    Ok(message)
+/// The rejection of a frame for `violation`, with what its 40 response needs to refer to the
+/// message and reach its sender: each of those fields that is itself valid, whichever other
+/// field broke a rule. They are read again only for a frame that is rejected, so that a valid
+/// one costs no copies of its ids.
+fn rejection(raw: &RawFrame<'_>, violation: Violation) -> Rejection {
+    Rejection {
+        violation,
+        msg_id: id_field(raw.msg_id, "msg_id").ok(),
+        chat_type: enum_field(
+            raw.chat_type,
+            ChatType::FIELD,
+            ChatType::ALLOWED,
+            ChatType::from_code,
+        )
+        .ok(),
+        group_id: optional_string(raw.group_id, "group_id")
+            .ok()
+            .flatten()
+            .filter(|g| !g.is_empty() && g.len() <= MAX_ID_BYTES),
+        sender_id: id_field(raw.sender_id, "sender_id").ok(),
+    }
 }
 
 /// The rules that relate fields to each other or to limits, on a message whose fields each have
