@@ -246,12 +246,7 @@ pub fn parse_inbound(frame: &str, limits: &Limits) -> Result<Message, Rejection>
 /// The message a frame's fields make, or the first rule they break.
 fn read_message(raw: &RawFrame<'_>) -> Result<Message, Violation> {
     Ok(Message {
-        chat_type: enum_field(
-            raw.chat_type,
-            ChatType::FIELD,
-            ChatType::ALLOWED,
-            ChatType::from_code,
-        )?,
+        chat_type: chat_type_field(raw.chat_type)?,
         msg_id: id_field(raw.msg_id, "msg_id")?,
         ref_msg_id: optional_string(raw.ref_msg_id, "ref_msg_id")?,
         timestamp: timestamp_field(raw.timestamp)?,
@@ -277,6 +272,11 @@ fn read_message(raw: &RawFrame<'_>) -> Result<Message, Violation> {
     })
 }
 
+/// The `chat_type` field: read for the message, and again for a rejection's context.
+fn chat_type_field(raw: Option<&RawValue>) -> Result<ChatType, Violation> {
+    enum_field(raw, ChatType::FIELD, ChatType::ALLOWED, ChatType::from_code)
+}
+
 /// The rejection of a frame for `violation`, with what its 40 response needs to refer to the
 /// message and reach its sender: each of those fields that is itself valid, whichever other
 /// field broke a rule. They are read again only for a frame that is rejected, so that a valid
@@ -285,13 +285,7 @@ fn rejection(raw: &RawFrame<'_>, violation: Violation) -> Rejection {
     Rejection {
         violation,
         msg_id: id_field(raw.msg_id, "msg_id").ok(),
-        chat_type: enum_field(
-            raw.chat_type,
-            ChatType::FIELD,
-            ChatType::ALLOWED,
-            ChatType::from_code,
-        )
-        .ok(),
+        chat_type: chat_type_field(raw.chat_type).ok(),
         group_id: optional_string(raw.group_id, "group_id")
             .ok()
             .flatten()
