@@ -18,7 +18,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 use tokio::sync::mpsc;
 
 pub use dedup::DEFAULT_DEDUP_MERGE_ROWS;
-pub use history::DEFAULT_HISTORY_MERGE_ROWS;
+pub use history::{DEFAULT_HISTORY_MERGE_ROWS, HISTORY_MERGE_SLICE_ROWS};
 
 use self::dedup::Record;
 use self::writer::{Database, Job, write_loop};
@@ -47,6 +47,10 @@ pub const QUEUE_CAPACITY: usize = 8192;
 /// the writer checkpoints at the end of the commit that takes the WAL past it, as SQLite does
 /// by default at 1000. At 4 KiB pages, about 40 MiB of WAL file.
 pub const WAL_AUTOCHECKPOINT: u32 = 10_000;
+
+/// How many prepared statements the writer connection keeps: more than the store has, so that
+/// none is parsed twice.
+const STATEMENT_CACHE_CAPACITY: usize = 64;
 
 /// The writer connection's page cache, by default, in MiB. The message path probes the dedup
 /// key table and merges into it and the conversation heads at places all over them; SQLite's
@@ -201,6 +205,9 @@ fn configure(conn: &Connection, options: &Options) -> Result<()> {
     conn.pragma_update(None, "temp_store", "MEMORY")?;
     // The checkpointer copies the WAL back; the writer only bounds it.
     conn.pragma_update(None, "wal_autocheckpoint", WAL_AUTOCHECKPOINT)?;
+    // Every statement the store runs more than once is cached; rusqlite's default of 16 is
+    // fewer than it has, and a purge's statements would push the message path's out.
+    conn.set_prepared_statement_cache_capacity(STATEMENT_CACHE_CAPACITY);
     // The checkpointer takes the write lock for a moment several times a second, and the CLI
     // may write (create an app) while a gateway serves from the same file.
     lock_wait::install(conn)?;

@@ -382,3 +382,63 @@ async fn a_database_with_the_lazy_conversation_index_keeps_its_messages() {
         ["question", "its reply", "unmerged", "new", "new reply"]
     );
 }
+
+/// Reads every conversation of "shop" back and compares it with what was appended.
+async fn assert_reads(store: &SqliteStore, conversations: &[String], expected: &[Vec<String>]) {
+    for (conversation, held) in conversations.iter().zip(expected) {
+        let read = store.history("shop", conversation, 100).await.unwrap();
+        assert_eq!(&read, held, "conversation {conversation}");
+    }
+}
+
+/// Appends one message to each conversation, in order, one store job each.
+async fn one_round(
+    store: &SqliteStore,
+    conversations: &[String],
+    expected: &mut [Vec<String>],
+    round: usize,
+) {
+    for (conversation, held) in conversations.iter().zip(expected.iter_mut()) {
+        let message = format!("{conversation}/{round}");
+        append(store, conversation, NOW, message.clone()).await;
+        held.push(message);
+    }
+}
+
+#[tokio::test]
+async fn a_merge_of_more_heads_than_a_slice_keeps_every_conversation_readable() {
+    let dir = tempfile::tempdir().unwrap();
+    // Each merge has more heads than one slice writes, so it spans several batches, and reads
+    // come in while it is under way.
+    let merge_rows = iagent_store::HISTORY_MERGE_SLICE_ROWS * 3 / 2;
+    let store = open(dir.path(), merge_rows);
+    let conversations: Vec<String> = (0..merge_rows * 2).map(|n| format!("c{n}")).collect();
+    let mut expected = vec![Vec::new(); conversations.len()];
+    for round in 0..2 {
+        one_round(&store, &conversations, &mut expected, round).await;
+        assert_reads(&store, &conversations, &expected).await;
+    }
+
+    // Enough rows elsewhere for two more merges: the heads of `conversations` leave memory,
+    // and every read of them goes to the table the slices wrote.
+    let others: Vec<String> = (0..merge_rows).map(|n| format!("other{n}")).collect();
+    let mut others_expected = vec![Vec::new(); others.len()];
+    for round in 0..3 {
+        one_round(&store, &others, &mut others_expected, round).await;
+    }
+    assert_reads(&store, &conversations, &expected).await;
+    let written = heads(&store);
+    for conversation in &conversations {
+        assert!(
+            written.iter().any(|(head, _)| head == conversation),
+            "no head of {conversation} in history_heads"
+        );
+    }
+
+    // A merge begins with the last of these rows; the process goes before it can be written.
+    one_round(&store, &conversations[..merge_rows], &mut expected, 2).await;
+    drop(store);
+    let store = open(dir.path(), merge_rows);
+    assert_reads(&store, &conversations, &expected).await;
+    assert_reads(&store, &others, &others_expected).await;
+}
