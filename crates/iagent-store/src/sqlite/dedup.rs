@@ -132,6 +132,11 @@ const WATERMARK_KEY: &str = "message_keys_through";
 /// has (unless the dedup window has passed it).
 const ENTRIES_WATERMARK_KEY: &str = "message_keys_entries_through";
 
+/// The `store_meta` key of the last dedup row id handed out before a purge removed rows: with
+/// the rows gone and their keys still in the tail, neither the table nor the watermark would
+/// tell where ids go on from after a restart.
+const PURGED_THROUGH_KEY: &str = "messages_purged_through";
+
 /// The `store_meta` key of the last history id whose entry's key the dedup window has passed:
 /// such keys are out of `message_keys` and the tail.
 const ENTRIES_EXPIRED_KEY: &str = "message_keys_entries_expired";
@@ -359,8 +364,10 @@ impl DedupKeys {
         let last: Option<i64> = conn
             .prepare_cached("SELECT MAX(id) FROM messages")?
             .query_row([], |row| row.get(0))?;
+        let purged_through = super::meta(conn, PURGED_THROUGH_KEY)?.unwrap_or(0);
+        let handed_out = last.unwrap_or(0).max(self.through).max(purged_through);
         // Never back: an id handed out once is not handed out again while the process runs.
-        self.next_id = self.next_id.max(last.unwrap_or(0).max(self.through) + 1);
+        self.next_id = self.next_id.max(handed_out + 1);
         Ok(())
     }
 
@@ -527,6 +534,9 @@ impl DedupKeys {
         let removed = conn
             .prepare_cached("DELETE FROM messages WHERE id < ?1 AND response IS NOT NULL")?
             .execute([keep_from])?;
+        if removed > 0 {
+            super::set_meta(conn, PURGED_THROUGH_KEY, self.next_id - 1)?;
+        }
         let expired = self.expire_entries(conn, before_ms)?;
         // Keys of the tail went too.
         let rows_in_tail = removed > 0 && keep_from > self.through + 1;
