@@ -34,14 +34,14 @@ use crate::{HistoryEntry, Result};
 
 /// How many rows are appended, by default, before the heads that moved are written into
 /// `history_heads`. A larger tail writes a busy conversation's head once for more entries, and
-/// costs memory (a key and 8 bytes per conversation that moved), a longer merge (one
-/// transaction, run between batches, that holds up the batch after it) and a longer read of the
-/// rows after the watermark at start-up.
+/// costs memory (a key and 8 bytes per conversation that moved in the last two merge periods),
+/// more slices per merge and a longer read of the rows after the watermark at start-up.
 pub const DEFAULT_HISTORY_MERGE_ROWS: usize = 32_768;
 
 /// The most heads one slice of a merge writes. A slice runs between two batches, in a
-/// transaction of its own, and the batch after it waits for it: at this size, about a
-/// millisecond. A slice follows every batch while a merge is under way.
+/// transaction of its own (shared with the dedup keys' slice, if one is due), and the batch
+/// after it waits for it: at this size, 1 to 3 ms measured at 5 000 messages/s over 10 000
+/// conversations. A slice follows every batch while a merge is under way.
 pub const HISTORY_MERGE_SLICE_ROWS: usize = 1024;
 
 /// The `store_meta` key of the last history id whose conversation's head `history_heads` has.
