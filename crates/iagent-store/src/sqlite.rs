@@ -176,13 +176,6 @@ impl SqliteStore {
 /// this short.
 type KeyMap<V> = std::collections::HashMap<String, V, foldhash::fast::RandomState>;
 
-/// A map of the tail's with its first key.
-fn key_map<V>(key: &str, value: V) -> KeyMap<V> {
-    let mut map = KeyMap::default();
-    map.insert(key.to_owned(), value);
-    map
-}
-
 /// The `synchronous` setting of every connection for `durability`.
 fn synchronous(durability: Durability) -> &'static str {
     match durability {

@@ -27,9 +27,11 @@
 //! the entries a conversation keeps are always the newest ones: every chain ends where the
 //! purge stopped, and no entry is left unreachable behind a purged one.
 
+use std::sync::Arc;
+
 use rusqlite::{Connection, OptionalExtension, params};
 
-use super::{KeyMap, key_map};
+use super::KeyMap;
 use crate::{HistoryEntry, Result};
 
 /// How many rows are appended, by default, before the heads that moved are written into
@@ -133,7 +135,11 @@ fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Optio
 /// its conversation up twice, and in an ordered map of thousands of keys that share their
 /// first bytes, the string comparisons were about 5% of the writer's time; a merge sorts the
 /// heads it writes instead, once.
-type Tail = KeyMap<KeyMap<Head>>;
+type Tail = KeyMap<Conversations>;
+
+/// One app's heads in the tail, by conversation. Shared strings, so that a merge's run takes
+/// the keys without copying them: two strings copied per head were most of a merge's start.
+type Conversations = std::collections::HashMap<Arc<str>, Head, foldhash::fast::RandomState>;
 
 /// A conversation's newest entry, as the tail holds it.
 #[derive(Debug, Clone, Copy)]
@@ -175,7 +181,7 @@ pub(super) struct HistoryHeads {
 #[derive(Debug)]
 struct Run {
     /// `(app, conversation, head)`.
-    heads: Vec<(String, String, i64)>,
+    heads: Vec<(Arc<str>, Arc<str>, i64)>,
     /// Heads before this are in `history_heads`, committed.
     written: usize,
     /// The watermark once every head is written: the last id handed out when the merge began.
@@ -229,13 +235,13 @@ impl HistoryHeads {
         };
         match self.tail.get_mut(app) {
             None => {
-                self.tail
-                    .insert(app.to_owned(), key_map(conversation, head));
+                let conversations = Conversations::from_iter([(Arc::from(conversation), head)]);
+                self.tail.insert(app.to_owned(), conversations);
             }
             Some(conversations) => match conversations.get_mut(conversation) {
                 Some(known) => *known = head,
                 None => {
-                    conversations.insert(conversation.to_owned(), head);
+                    conversations.insert(Arc::from(conversation), head);
                 }
             },
         }
@@ -443,16 +449,26 @@ impl HistoryHeads {
     fn begin_merge(&mut self) -> Run {
         let period = self.period;
         let mut heads = Vec::with_capacity(self.rows.min(self.merge_rows));
-        self.tail.retain(|app, conversations| {
+        let mut apps: Vec<String> = self.tail.keys().cloned().collect();
+        apps.sort_unstable();
+        for name in apps {
+            let Some(conversations) = self.tail.get_mut(&name) else {
+                continue;
+            };
+            let app: Arc<str> = Arc::from(name.as_str());
+            let start = heads.len();
             conversations.retain(|conversation, head| {
-                if head.period == period {
+                let moved = head.period == period;
+                if moved {
                     heads.push((app.clone(), conversation.clone(), head.id));
                 }
-                head.period == period
+                moved
             });
-            !conversations.is_empty()
-        });
-        heads.sort_unstable();
+            heads[start..].sort_unstable_by(|a, b| a.1.cmp(&b.1));
+            if conversations.is_empty() {
+                self.tail.remove(&name);
+            }
+        }
         self.period += 1;
         self.rows = 0;
         Run {
