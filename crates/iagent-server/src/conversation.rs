@@ -39,14 +39,20 @@ impl ConversationKey {
     }
 
     /// The private chat of `user` with `agent`. The user id's length is spelled out, so no
-    /// choice of ids makes two conversations share a key.
+    /// choice of ids makes two conversations share a key. Put together without `format!`,
+    /// whose machinery was 2% of the runtime thread's time, for one key per message.
     pub(crate) fn private(user: &str, agent: &str) -> Self {
-        Self(format!("p:{}:{user}:{agent}", user.len()).into())
+        let mut len = itoa::Buffer::new();
+        Self(
+            ["p:", len.format(user.len()), ":", user, ":", agent]
+                .concat()
+                .into(),
+        )
     }
 
     /// The chat of a group.
     pub(crate) fn group(group: &str) -> Self {
-        Self(format!("g:{group}").into())
+        Self(["g:", group].concat().into())
     }
 
     /// The key under which the store keeps the conversation's history.
@@ -537,6 +543,15 @@ mod tests {
         let b = ConversationKey::private("a", "b:c");
         assert_ne!(a.storage_key(), b.storage_key());
         assert_ne!(ConversationKey::group("x").storage_key(), a.storage_key());
+    }
+
+    /// Stored histories are found by these keys: they must not change from one version to
+    /// the next.
+    #[test]
+    fn storage_keys_keep_their_stored_form() {
+        let private = ConversationKey::private("user-12345678901", "echo");
+        assert_eq!(private.storage_key(), "p:16:user-12345678901:echo");
+        assert_eq!(ConversationKey::group("team").storage_key(), "g:team");
     }
 
     #[test]
