@@ -449,12 +449,9 @@ impl HistoryHeads {
     fn begin_merge(&mut self) -> Run {
         let period = self.period;
         let mut heads = Vec::with_capacity(self.rows.min(self.merge_rows));
-        let mut apps: Vec<String> = self.tail.keys().cloned().collect();
-        apps.sort_unstable();
-        for name in apps {
-            let Some(conversations) = self.tail.get_mut(&name) else {
-                continue;
-            };
+        let mut apps: Vec<_> = self.tail.iter_mut().collect();
+        apps.sort_unstable_by_key(|(name, _)| *name);
+        for (name, conversations) in apps {
             let app: Arc<str> = Arc::from(name.as_str());
             let start = heads.len();
             conversations.retain(|conversation, head| {
@@ -465,10 +462,9 @@ impl HistoryHeads {
                 moved
             });
             heads[start..].sort_unstable_by(|a, b| a.1.cmp(&b.1));
-            if conversations.is_empty() {
-                self.tail.remove(&name);
-            }
         }
+        self.tail
+            .retain(|_, conversations| !conversations.is_empty());
         self.period += 1;
         self.rows = 0;
         Run {
