@@ -1,0 +1,123 @@
+//! JSON text written by hand for the one shape every message has.
+//!
+//! Each message is serialized at least once on its way through the gateway (its response
+//! frame), and serde_json's general path was a tenth of the gateway's instructions per
+//! message: it escapes every field name as it escapes a value, byte by byte. Here the names are
+//! literals, and a string is copied 16 bytes at a time up to the first byte that needs an
+//! escape. The output is byte for byte what serde_json writes for the same message, which the
+//! tests check against it.
+
+/// Appends `value` as a JSON string, quoted and escaped as serde_json escapes it: `"` and `\`
+/// by a backslash, the control characters with a short escape by it (`\b \t \n \f \r`), the
+/// other control characters as `\u00XX`, everything else (non-ASCII included) as it is.
+pub(crate) fn push_string(out: &mut String, value: &str) {
+    let bytes = value.as_bytes();
+    out.reserve(bytes.len() + 2);
+    out.push('"');
+    // `copied` is where the bytes not yet appended start; every index it takes is that of an
+    // ASCII byte or the end, so every slice below falls on character boundaries.
+    let (mut copied, mut at) = (0, 0);
+    while at < bytes.len() {
+        // Whole runs with nothing to escape are skipped a chunk at a time: the fold has no
+        // early exit, so it compiles to a few vector compares.
+        if let Some(chunk) = bytes.get(at..at + CHUNK)
+            && !chunk
+                .iter()
+                .fold(false, |any, &byte| any | needs_escape(byte))
+        {
+            at += CHUNK;
+            continue;
+        }
+        let byte = bytes[at];
+        if needs_escape(byte) {
+            out.push_str(&value[copied..at]);
+            push_escape(out, byte);
+            copied = at + 1;
+        }
+        at += 1;
+    }
+    out.push_str(&value[copied..]);
+    out.push('"');
+}
+
+/// Bytes looked at together while nothing needs escaping.
+const CHUNK: usize = 16;
+
+const fn needs_escape(byte: u8) -> bool {
+    byte < 0x20 || byte == b'"' || byte == b'\\'
+}
+
+fn push_escape(out: &mut String, byte: u8) {
+    const HEX: &[u8; 16] = b"0123456789abcdef";
+    let short = match byte {
+        b'"' => "\\\"",
+        b'\\' => "\\\\",
+        0x08 => "\\b",
+        0x0c => "\\f",
+        b'\n' => "\\n",
+        b'\r' => "\\r",
+        b'\t' => "\\t",
+        _ => {
+            out.push_str("\\u00");
+            out.push(char::from(HEX[usize::from(byte >> 4)]));
+            out.push(char::from(HEX[usize::from(byte & 0xf)]));
+            return;
+        }
+    };
+    out.push_str(short);
+}
+
+#[cfg(test)]
+mod tests {
+    use proptest::prelude::*;
+
+    use super::push_string;
+
+    fn written(value: &str) -> String {
+        let mut out = String::new();
+        push_string(&mut out, value);
+        out
+    }
+
+    #[test]
+    fn every_ascii_character_is_escaped_as_serde_json_escapes_it() {
+        for byte in 0..=0x7f_u8 {
+            let value = char::from(byte).to_string();
+            let expected = serde_json::to_string(&value).expect("a string serializes");
+            assert_eq!(written(&value), expected, "byte {byte:#04x}");
+        }
+    }
+
+    #[test]
+    fn escapes_inside_and_after_a_clean_chunk_are_found() {
+        // A clean run longer than a chunk, then escapes at the chunk's edge and just past it,
+        // and a multi-byte character across the edge.
+        for value in [
+            "0123456789abcdef\"",
+            "0123456789abcde\"f",
+            "0123456789abcdef0123456789abcdef\n",
+            "0123456789abcdeé\\tail",
+            "\u{1}0123456789abcdef\u{1f}",
+            "",
+        ] {
+            let expected = serde_json::to_string(value).expect("a string serializes");
+            assert_eq!(written(value), expected, "{value:?}");
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn any_string_is_written_as_serde_json_writes_it(value in any::<String>()) {
+            let expected = serde_json::to_string(&value).expect("a string serializes");
+            prop_assert_eq!(written(&value), expected);
+        }
+
+        #[test]
+        fn strings_dense_in_escapes_are_written_as_serde_json_writes_them(
+            value in "[a-z\"\\\\\u{0}-\u{1f}é😀]{0,64}"
+        ) {
+            let expected = serde_json::to_string(&value).expect("a string serializes");
+            prop_assert_eq!(written(&value), expected);
+        }
+    }
+}
