@@ -7,6 +7,53 @@
 //! escape. The output is byte for byte what serde_json writes for the same message, which the
 //! tests check against it.
 
+/// A JSON object being written, its fields in the order of the calls. Field names are written
+/// as they are given: they are the protocol's own, and none needs an escape.
+pub(crate) struct Object {
+    text: String,
+}
+
+impl Object {
+    /// An empty object, with room for `capacity` bytes of text.
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
+        let mut text = String::with_capacity(capacity);
+        text.push('{');
+        Self { text }
+    }
+
+    pub(crate) fn number(&mut self, name: &str, value: impl itoa::Integer) {
+        self.name(name);
+        self.text.push_str(itoa::Buffer::new().format(value));
+    }
+
+    pub(crate) fn string(&mut self, name: &str, value: &str) {
+        self.name(name);
+        push_string(&mut self.text, value);
+    }
+
+    /// A string field, left out when it has no value (as serde's `skip_serializing_if`).
+    pub(crate) fn optional_string(&mut self, name: &str, value: Option<&str>) {
+        if let Some(value) = value {
+            self.string(name, value);
+        }
+    }
+
+    /// The object's text, closed.
+    pub(crate) fn finish(mut self) -> String {
+        self.text.push('}');
+        self.text
+    }
+
+    fn name(&mut self, name: &str) {
+        if self.text.len() > 1 {
+            self.text.push(',');
+        }
+        self.text.push('"');
+        self.text.push_str(name);
+        self.text.push_str("\":");
+    }
+}
+
 /// Appends `value` as a JSON string, quoted and escaped as serde_json escapes it: `"` and `\`
 /// by a backslash, the control characters with a short escape by it (`\b \t \n \f \r`), the
 /// other control characters as `\u00XX`, everything else (non-ASCII included) as it is.

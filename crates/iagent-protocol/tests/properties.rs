@@ -3,7 +3,8 @@
 //! by field from valid and invalid values it accepts exactly what an independent oracle, written
 //! here from the rules of `docs/protocol.md`, accepts, blames a rule that is really broken, and
 //! keeps in the rejection exactly the context fields that are valid; and every valid message
-//! survives `to_json` + `parse_inbound`, and serde, unchanged.
+//! survives `to_json` + `parse_inbound`, and serde, unchanged; and `to_json` writes any message,
+//! valid or not, exactly as serde_json does.
 #![allow(clippy::unwrap_used)]
 
 use iagent_protocol::{
@@ -585,6 +586,35 @@ fn valid_message(resp_code: impl Strategy<Value = RespCode> + 'static) -> BoxedS
         .boxed()
 }
 
+/// Any message at all, valid or not: a response carries whatever its agent wrote, so every
+/// string field takes any text (escapes included) and the timestamp any value.
+fn any_message() -> impl Strategy<Value = Message> {
+    let text = || prop_oneof![any::<String>(), "(\\PC|[\"\\\\\u{0}-\u{1f}]){0,200}"];
+    (
+        valid_message(any_resp_code()),
+        (text(), text(), text()),
+        (option::of(text()), option::of(text()), option::of(text())),
+        any::<i64>(),
+    )
+        .prop_map(
+            |(
+                mut message,
+                (msg_id, sender_id, content),
+                (ref_msg_id, group_id, receiver_id),
+                at,
+            )| {
+                message.msg_id = msg_id;
+                message.sender_id = sender_id;
+                message.content = content;
+                message.ref_msg_id = ref_msg_id;
+                message.group_id = group_id;
+                message.receiver_id = receiver_id;
+                message.timestamp = at;
+                message
+            },
+        )
+}
+
 /// What must hold of any outcome of any input: an accepted message is accepted again, the same,
 /// from its own JSON; a rejection turns into a well-formed 40 response.
 fn check_outcome(got: &Result<Message, Rejection>) -> Result<(), TestCaseError> {
@@ -670,6 +700,11 @@ proptest! {
             unreachable!("a Message serializes as an object")
         };
         prop_assert_eq!(Oracle { obj: &obj, limits: Limits::default() }.message(), Some(message));
+    }
+
+    #[test]
+    fn to_json_writes_what_serde_writes(message in any_message()) {
+        prop_assert_eq!(message.to_json(), serde_json::to_string(&message).unwrap());
     }
 
     #[test]
