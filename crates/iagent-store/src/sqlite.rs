@@ -1,11 +1,14 @@
-//! The SQLite store: one connection, owned by one writer thread, that runs every queued job of a
-//! batch inside one transaction and answers the callers only after the commit.
+//! The SQLite store: one connection, which runs every queued job of a batch inside one
+//! transaction and answers the callers only after the commit. A batch is committed on the
+//! thread of one of its callers, or by the writer thread when that thread may not wait for the
+//! database (see [`committer`]).
 //!
 //! Batching is what makes durability affordable: under load hundreds of claims and completions
-//! share one commit, while a lone request still commits at once (the writer never waits to fill
-//! a batch). The database runs in WAL mode; see [`Durability`] for what a commit survives.
+//! share one commit, while a lone request still commits at once (nobody waits to fill a
+//! batch). The database runs in WAL mode; see [`Durability`] for what a commit survives.
 
 mod checkpoint;
+mod committer;
 mod dedup;
 mod history;
 mod lock_wait;
@@ -14,14 +17,16 @@ mod writer;
 use std::path::{Path, PathBuf};
 use std::thread;
 
+use std::sync::{Arc, mpsc};
+
 use rusqlite::{Connection, OptionalExtension, params};
-use tokio::sync::mpsc;
 
 pub use dedup::DEFAULT_DEDUP_MERGE_ROWS;
 pub use history::{DEFAULT_HISTORY_MERGE_ROWS, HISTORY_MERGE_SLICE_ROWS};
 
+use self::committer::Committer;
 use self::dedup::Record;
-use self::writer::{Database, Job, write_loop};
+use self::writer::{Database, Shared, write_loop};
 use crate::token::{self, Token};
 use crate::{
     AgentRecord, App, BoxFuture, Claim, Completion, DeferredMessage, ECHO_AGENT_ID, FileMeta,
@@ -39,8 +44,8 @@ pub const FILES_DIR: &str = "files";
 /// with it, while still amortizing a commit over many messages under load.
 pub const MAX_BATCH: usize = 512;
 
-/// How many jobs may wait for the writer. A full queue makes callers wait (back-pressure on the
-/// message path) instead of growing memory.
+/// How many jobs the store takes at once, queued or running. Further callers wait for a place
+/// (back-pressure on the message path) instead of growing memory.
 pub const QUEUE_CAPACITY: usize = 8192;
 
 /// The bound on the WAL, in pages: should the checkpointer (see [`checkpoint`]) fall behind,
@@ -100,7 +105,7 @@ impl Default for Options {
 /// The SQLite store. Cheap to share behind an `Arc`; the writer thread stops when it is dropped.
 #[derive(Debug)]
 pub struct SqliteStore {
-    jobs: mpsc::Sender<Box<dyn Job>>,
+    committer: Committer,
     path: PathBuf,
     /// Where file bytes live, one file per id; only their metadata goes through the writer,
     /// so a large upload never holds up the message path.
@@ -136,18 +141,25 @@ impl SqliteStore {
         };
         let (stop_checkpoints, checkpoints_stopped) = std::sync::mpsc::channel();
         checkpoint::start(&path, options.durability, checkpoints_stopped)?;
-        let (jobs, queue) = mpsc::channel(QUEUE_CAPACITY);
+        let shared = Arc::new(Shared::new(database));
+        let (writer, work) = mpsc::channel();
+        let committer = Committer::new(Arc::clone(&shared), writer);
         thread::Builder::new()
             .name("iagent-store".into())
             .spawn(move || {
-                write_loop(database, queue);
+                write_loop(&shared, &work);
+                drop(shared);
                 drop(stop_checkpoints);
             })
             .map_err(|source| StoreError::DataDir {
                 path: data_dir.to_owned(),
                 source,
             })?;
-        Ok(Self { jobs, path, files })
+        Ok(Self {
+            committer,
+            path,
+            files,
+        })
     }
 
     /// The database file.
@@ -155,19 +167,15 @@ impl SqliteStore {
         &self.path
     }
 
-    /// Runs `work` on the writer thread inside the current batch's transaction, and resolves
-    /// with its result once that transaction has committed. `work` may run twice (see
-    /// [`writer`]): its first run's statements are then rolled back.
+    /// Runs `work` inside a batch's transaction, and resolves with its result once that
+    /// transaction has committed. `work` may run twice (see [`writer`]): its first run's
+    /// statements are then rolled back.
     fn run<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
     where
         T: Send + 'static,
         F: FnMut(&mut Database) -> Result<T> + Send + 'static,
     {
-        let (job, answer) = writer::job(work);
-        Box::pin(async move {
-            self.jobs.send(job).await.map_err(|_| StoreError::Closed)?;
-            answer.await.map_err(|_| StoreError::Closed)?
-        })
+        Box::pin(self.committer.run(work))
     }
 }
 
@@ -836,8 +844,10 @@ impl Store for SqliteStore {
 
     fn purge(&self, before: PurgeBefore) -> BoxFuture<'_, Result<Purged>> {
         Box::pin(async move {
+            // On the writer thread: a purge may take long, and a caller's thread serves others.
             let (mut purged, expired_files) = self
-                .run(move |database| {
+                .committer
+                .run_on_writer(move |database| {
                     let Database { conn, history, dedup } = database;
                     let dedup_purged = dedup.purge(conn, before.dedup)?;
                     let keep_from = history.purge_from(conn, before.history)?;

@@ -3,9 +3,10 @@
 //! only their SHA-256 hashes ever reach the database files), the dedup record of `msg_id`s
 //! (claim, complete, unanswered), the outbox (push, peek, remove, depths, isolation between
 //! apps), purging of expired records, durability across a reopen and the checkpoints that copy
-//! commits into the main file, and the writer's batching:
-//! concurrent claims of one `msg_id` yield exactly one `New`, and a failing job does not take its
-//! batch down with it.
+//! commits into the main file, and the batching: concurrent claims of one `msg_id` yield
+//! exactly one `New`, a failing job does not take its batch down with it, a write whose caller
+//! gives up is committed all the same, and one that finds the database locked waits for it
+//! without holding up its caller's thread.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -394,6 +395,52 @@ async fn a_response_that_is_its_entrys_reply_is_stored_once_and_served_to_resend
             .await
             .unwrap(),
         Claim::Answered("not replying".into())
+    );
+}
+
+#[tokio::test]
+async fn a_write_whose_caller_gives_up_once_it_is_queued_is_committed_all_the_same() {
+    let (dir, store) = fresh();
+    let mut write = store.record(echoed("m1", NOW), NOW);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(
+        write.as_mut().poll(&mut cx).is_pending(),
+        "queued, and waiting for the batch"
+    );
+    drop(write);
+    // Nothing else goes through the store: had the job stayed queued, nobody would commit it.
+    assert_eq!(copies_stored(dir.path(), "response to m1"), 1);
+    assert_eq!(
+        store
+            .claim("shop", "m1", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered("response to m1".into())
+    );
+}
+
+#[tokio::test]
+async fn a_write_that_finds_the_database_locked_is_committed_once_the_lock_is_released() {
+    let (_dir, store) = fresh();
+    let store = Arc::new(store);
+    let other = rusqlite::Connection::open(store.path()).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let write = tokio::spawn({
+        let store = store.clone();
+        async move { store.record(echoed("m1", NOW), NOW).await }
+    });
+    // The caller's thread (this one) found the lock held and went on: it is free to let the
+    // write wait here, and to release the lock.
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    assert!(!write.is_finished(), "committed under another's lock");
+    other.execute_batch("COMMIT").unwrap();
+    assert_eq!(write.await.unwrap().unwrap(), Claim::New);
+    assert_eq!(
+        store
+            .claim("shop", "m1", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered("response to m1".into())
     );
 }
 

@@ -8,6 +8,10 @@
 //! every message queued behind that commit waited with it: at 10k messages/s, the largest
 //! part of the processing time above 1 ms. This handler tries again every
 //! [`RETRY_AFTER`] instead, for up to [`LOCK_TIMEOUT`] in all.
+//!
+//! Only a thread that serves nobody else may wait: a commit on a caller's thread (see
+//! [`super::committer`]) runs under [`NoWait`], fails at once on a lock held elsewhere, and
+//! hands its jobs to the writer thread, which waits for them.
 
 use std::cell::Cell;
 use std::thread;
@@ -27,6 +31,26 @@ const RETRY_AFTER: Duration = Duration::from_micros(50);
 thread_local! {
     /// When the current wait for a lock began (SQLite passes only the number of tries).
     static WAIT_BEGAN: Cell<Option<Instant>> = const { Cell::new(None) };
+
+    /// Whether statements on this thread wait for a lock at all (see [`NoWait`]).
+    static WAITS: Cell<bool> = const { Cell::new(true) };
+}
+
+/// While it lives, statements on the current thread do not wait for a lock another
+/// connection holds: they fail with "database is locked" at once.
+pub(super) struct NoWait(());
+
+impl NoWait {
+    pub(super) fn begin() -> Self {
+        WAITS.set(false);
+        Self(())
+    }
+}
+
+impl Drop for NoWait {
+    fn drop(&mut self) {
+        WAITS.set(true);
+    }
 }
 
 /// Makes `conn` wait for locks as this module describes.
@@ -38,6 +62,9 @@ pub(super) fn install(conn: &Connection) -> Result<()> {
 /// SQLite's busy handler: `true` to try again, `false` to give up. `tries` is 0 on the first
 /// call of each wait.
 fn wait(tries: i32) -> bool {
+    if !WAITS.get() {
+        return false;
+    }
     let now = Instant::now();
     let began = match WAIT_BEGAN.get() {
         Some(began) if tries > 0 => began,
@@ -75,6 +102,16 @@ mod tests {
         WAIT_BEGAN.set(Some(Instant::now() - 2 * LOCK_TIMEOUT));
         assert!(wait(0), "a first try waits");
         assert!(wait(1), "so does the next one, well within the timeout");
+    }
+
+    #[test]
+    fn under_no_wait_the_handler_gives_up_at_once_and_waits_again_after() {
+        {
+            let _no_wait = NoWait::begin();
+            assert!(!wait(0), "a first try gives up");
+            assert!(!wait(1), "and so does any later one");
+        }
+        assert!(wait(0), "the guard is gone: a try waits again");
     }
 
     #[test]

@@ -1,5 +1,7 @@
-//! The writer thread: it owns the connection and runs the queued jobs in batches, one
-//! transaction per batch, answering each caller only after the commit.
+//! Batches, and the writer thread: a batch's jobs run in one transaction, and each caller is
+//! answered only after the commit. A batch runs on the thread of the caller that commits it
+//! (see [`super::committer`]) or, when that thread cannot have the database, on the writer
+//! thread, which also writes the tails' merges.
 //!
 //! A batch first runs its jobs bare, one after the other in the transaction. That is the
 //! common case, and the cheap one: isolating each job in a savepoint makes SQLite copy every
@@ -9,9 +11,11 @@
 //! others commit. A job must therefore be able to run twice, which is why its work is `FnMut`.
 
 use std::ops::Deref;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Mutex, MutexGuard, mpsc};
 
 use rusqlite::Connection;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::MAX_BATCH;
 use super::dedup::DedupKeys;
@@ -41,6 +45,11 @@ impl Database {
     fn reload_tails(&mut self) -> Result<()> {
         self.history.reload(&self.conn)?;
         self.dedup.reload(&self.conn)
+    }
+
+    /// Whether a tail has a merge, or the next slice of one, to write.
+    pub(super) fn any_merge_due(&self) -> bool {
+        self.merge_due(Tail::HistoryHeads) || self.merge_due(Tail::DedupKeys)
     }
 
     fn merge_due(&self, tail: Tail) -> bool {
@@ -100,10 +109,16 @@ struct Pending<T, F> {
     work: F,
     outcome: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
+    /// The job's place among those the store admits at once, given back when it is dropped.
+    _admitted: OwnedSemaphorePermit,
 }
 
-/// A job for `work`, and where its result will arrive.
-pub(super) fn job<T, F>(work: F) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>)
+/// A job for `work`, holding its place `admitted` until it is settled, and where its result
+/// will arrive.
+pub(super) fn job<T, F>(
+    work: F,
+    admitted: OwnedSemaphorePermit,
+) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>)
 where
     T: Send + 'static,
     F: FnMut(&mut Database) -> Result<T> + Send + 'static,
@@ -113,6 +128,7 @@ where
         work,
         outcome: None,
         reply,
+        _admitted: admitted,
     };
     (Box::new(pending), answer)
 }
@@ -166,47 +182,131 @@ fn in_savepoint<T>(
     outcome
 }
 
-/// The writer thread's loop: takes up to [`MAX_BATCH`] queued jobs at a time until every
-/// sender is gone.
-pub(super) fn write_loop(mut database: Database, mut queue: mpsc::Receiver<Box<dyn Job>>) {
-    let mut batch = Vec::with_capacity(MAX_BATCH);
-    while queue.blocking_recv_many(&mut batch, MAX_BATCH) > 0 {
-        gather_more(&mut queue, &mut batch);
-        let result = run_batch(&mut database, &mut batch);
-        if let Err(err) = &result {
-            tracing::error!(error = %err, jobs = batch.len(), "store transaction failed");
-            rollback(&mut database);
+/// The database, shared by the threads that commit to it.
+pub(super) struct Shared {
+    database: Mutex<Database>,
+    /// Whether the writer thread has been asked to write merge slices and has not begun yet:
+    /// it is asked once, however many batches find a merge due meanwhile. Set and cleared
+    /// only with the database in hand, so that whoever holds it knows whether a slice is
+    /// owed before the next batch.
+    merge_asked: AtomicBool,
+}
+
+impl Shared {
+    pub(super) fn new(database: Database) -> Self {
+        Self {
+            database: Mutex::new(database),
+            merge_asked: AtomicBool::new(false),
         }
-        for job in batch.drain(..) {
-            job.settle(result.as_ref().map(|_| ()));
+    }
+
+    /// The database, unless another thread has it.
+    pub(super) fn try_database(&self) -> Option<MutexGuard<'_, Database>> {
+        match self.database.try_lock() {
+            Ok(database) => Some(database),
+            Err(std::sync::TryLockError::WouldBlock) => None,
+            Err(std::sync::TryLockError::Poisoned(poisoned)) => {
+                Some(self.recover(poisoned.into_inner()))
+            }
         }
-        // After the callers have their answers, so that a merge never delays them.
-        merge_slices(&mut database);
+    }
+
+    /// The database, once no other thread has it.
+    fn database(&self) -> MutexGuard<'_, Database> {
+        self.database
+            .lock()
+            .unwrap_or_else(|poisoned| self.recover(poisoned.into_inner()))
+    }
+
+    /// A thread panicked with the database: whatever it left undone is rolled back.
+    fn recover<'a>(&self, mut database: MutexGuard<'a, Database>) -> MutexGuard<'a, Database> {
+        rollback(&mut database);
+        self.database.clear_poison();
+        database
+    }
+
+    /// Asks the writer thread for merge slices, unless it was asked and has not begun. Called
+    /// with the database in hand.
+    pub(super) fn ask_for_merge(&self, writer: &mpsc::Sender<Work>) {
+        if !self.merge_asked.swap(true, Ordering::AcqRel) {
+            writer.send(Work::Merge).ok();
+        }
+    }
+
+    /// Whether the writer thread owes a merge slice: a batch committed now would come before
+    /// it. Asked with the database in hand.
+    pub(super) fn merge_owed(&self) -> bool {
+        self.merge_asked.load(Ordering::Acquire)
     }
 }
 
-/// Lets the threads that queue jobs run once before the batch starts, and takes what they
-/// queued meanwhile. Where the gateway shares a core with this thread, the writer woke for the
-/// first job and ran before the tasks queueing the next ones could: batches stayed small, and
-/// each cost a commit and two context switches. Where nothing else is ready to run, the yield
-/// returns at once. Measured on one core: 3 to 5% more messages per second, and no worse
-/// open-loop latency.
-fn gather_more(queue: &mut mpsc::Receiver<Box<dyn Job>>, batch: &mut Vec<Box<dyn Job>>) {
-    if batch.len() == MAX_BATCH {
-        return;
-    }
-    std::thread::yield_now();
-    while batch.len() < MAX_BATCH
-        && let Ok(job) = queue.try_recv()
-    {
-        batch.push(job);
+/// What the writer thread is handed.
+pub(super) enum Work {
+    /// Jobs their callers' threads could not commit: the database was busy. The writer thread
+    /// waits for it.
+    Jobs(Vec<Box<dyn Job>>),
+    /// A tail's merge is due.
+    Merge,
+}
+
+/// The writer thread's loop, until every sender is gone: takes everything handed to it so far,
+/// writes the merge slice it was asked for first (the jobs were handed over behind it), then
+/// runs the jobs in batches of at most [`MAX_BATCH`], each followed by the next slice of a
+/// merge if one is due. Jobs are handed over a few at a time, by each caller that found the
+/// database busy; run in a transaction each, they had cost a commit apiece just when the
+/// writer was behind.
+pub(super) fn write_loop(shared: &Shared, work: &mpsc::Receiver<Work>) {
+    let mut jobs = Vec::new();
+    while let Ok(first) = work.recv() {
+        let mut database = shared.database();
+        let mut merge = false;
+        for next in std::iter::once(first).chain(work.try_iter()) {
+            match next {
+                Work::Jobs(handed) => jobs.extend(handed),
+                Work::Merge => merge = true,
+            }
+        }
+        if merge {
+            shared.merge_asked.store(false, Ordering::Release);
+            merge_slices(&mut database);
+        }
+        while !jobs.is_empty() {
+            let mut batch: Vec<_> = jobs.drain(..jobs.len().min(MAX_BATCH)).collect();
+            match begin(&database) {
+                Ok(()) => commit(&mut database, &mut batch),
+                Err(err) => settle(&mut batch, Err(&err)),
+            }
+            // After the callers have their answers, so that a merge never delays them.
+            merge_slices(&mut database);
+        }
     }
 }
 
-/// Runs a batch in one transaction: bare first, and again with a savepoint per job if a job
-/// failed (see the module's documentation).
+/// Begins a batch's transaction.
+pub(super) fn begin(database: &Database) -> Result<()> {
+    transaction(database, "BEGIN IMMEDIATE")
+}
+
+/// Runs the jobs in the transaction [`begin`] opened, commits, and answers their callers.
+pub(super) fn commit(database: &mut Database, jobs: &mut Vec<Box<dyn Job>>) {
+    let result = run_batch(database, jobs);
+    if let Err(err) = &result {
+        tracing::error!(error = %err, jobs = jobs.len(), "store transaction failed");
+        rollback(database);
+    }
+    settle(jobs, result.as_ref().map(|_| ()));
+}
+
+/// Answers every job's caller.
+fn settle(jobs: &mut Vec<Box<dyn Job>>, batch: Result<(), &StoreError>) {
+    for job in jobs.drain(..) {
+        job.settle(batch);
+    }
+}
+
+/// Runs a batch in the open transaction: bare first, and again with a savepoint per job if a
+/// job failed (see the module's documentation); then commits.
 fn run_batch(database: &mut Database, jobs: &mut [Box<dyn Job>]) -> Result<()> {
-    transaction(database, "BEGIN IMMEDIATE")?;
     let clean = jobs.iter_mut().all(|job| job.attempt(database, false));
     if !clean {
         transaction(database, "ROLLBACK")?;
