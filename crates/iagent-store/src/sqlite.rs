@@ -15,9 +15,8 @@ mod lock_wait;
 mod writer;
 
 use std::path::{Path, PathBuf};
-use std::thread;
-
 use std::sync::{Arc, mpsc};
+use std::thread;
 
 use rusqlite::{Connection, OptionalExtension, params};
 

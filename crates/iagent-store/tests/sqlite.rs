@@ -349,6 +349,15 @@ fn echoed(msg_id: &str, at_ms: i64) -> Completion {
     completion("shop", msg_id, &response, vec![entry])
 }
 
+/// Asserts that a resend of `msg_id` gets the response [`echoed`] stored for it.
+async fn assert_echo_answered(store: &SqliteStore, msg_id: &str) {
+    let again = store
+        .claim("shop", msg_id, "again".into(), NOW)
+        .await
+        .unwrap();
+    assert_eq!(again, Claim::Answered(format!("response to {msg_id}")));
+}
+
 /// How many times `text` is stored, over every column of the dedup and history tables.
 fn copies_stored(dir: &Path, text: &str) -> i64 {
     let conn = rusqlite::Connection::open(dir.join("iagent.sqlite3")).unwrap();
@@ -369,13 +378,7 @@ async fn a_response_that_is_its_entrys_reply_is_stored_once_and_served_to_resend
         Claim::New
     );
     assert_eq!(copies_stored(dir.path(), "response to m1"), 1);
-    assert_eq!(
-        store
-            .claim("shop", "m1", "again".into(), NOW)
-            .await
-            .unwrap(),
-        Claim::Answered("response to m1".into())
-    );
+    assert_echo_answered(&store, "m1").await;
     assert_eq!(
         store.record(echoed("m1", NOW), NOW).await.unwrap(),
         Claim::Answered("response to m1".into())
@@ -410,13 +413,7 @@ async fn a_write_whose_caller_gives_up_once_it_is_queued_is_committed_all_the_sa
     drop(write);
     // Nothing else goes through the store: had the job stayed queued, nobody would commit it.
     assert_eq!(copies_stored(dir.path(), "response to m1"), 1);
-    assert_eq!(
-        store
-            .claim("shop", "m1", "again".into(), NOW)
-            .await
-            .unwrap(),
-        Claim::Answered("response to m1".into())
-    );
+    assert_echo_answered(&store, "m1").await;
 }
 
 #[tokio::test]
@@ -435,13 +432,7 @@ async fn a_write_that_finds_the_database_locked_is_committed_once_the_lock_is_re
     assert!(!write.is_finished(), "committed under another's lock");
     other.execute_batch("COMMIT").unwrap();
     assert_eq!(write.await.unwrap().unwrap(), Claim::New);
-    assert_eq!(
-        store
-            .claim("shop", "m1", "again".into(), NOW)
-            .await
-            .unwrap(),
-        Claim::Answered("response to m1".into())
-    );
+    assert_echo_answered(&store, "m1").await;
 }
 
 #[tokio::test]
