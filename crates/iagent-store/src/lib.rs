@@ -18,8 +18,8 @@ use std::future::Future;
 use std::pin::Pin;
 
 pub use sqlite::{
-    DEFAULT_CACHE_MIB, DEFAULT_DEDUP_MERGE_ROWS, DEFAULT_HISTORY_MERGE_ROWS, Durability,
-    HISTORY_MERGE_SLICE_ROWS, Options, SqliteStore,
+    DEFAULT_CACHE_MIB, DEFAULT_DEDUP_MERGE_ROWS, DEFAULT_HISTORY_MERGE_ROWS,
+    DEFAULT_QUEUE_CAPACITY, Durability, HISTORY_MERGE_SLICE_ROWS, Options, SqliteStore,
 };
 pub use token::Token;
 

@@ -43,9 +43,10 @@ pub const FILES_DIR: &str = "files";
 /// with it, while still amortizing a commit over many messages under load.
 pub const MAX_BATCH: usize = 512;
 
-/// How many jobs the store takes at once, queued or running. Further callers wait for a place
-/// (back-pressure on the message path) instead of growing memory.
-pub const QUEUE_CAPACITY: usize = 8192;
+/// How many jobs the store takes at once, by default: queued, running, or handed to the writer
+/// thread. Further callers wait for a place (back-pressure on the message path) instead of
+/// growing memory.
+pub const DEFAULT_QUEUE_CAPACITY: usize = 8192;
 
 /// The bound on the WAL, in pages: should the checkpointer (see [`checkpoint`]) fall behind,
 /// the writer checkpoints at the end of the commit that takes the WAL past it, as SQLite does
@@ -88,6 +89,8 @@ pub struct Options {
     pub dedup_merge_rows: usize,
     /// The most memory, in MiB, the database's page cache takes (see [`DEFAULT_CACHE_MIB`]).
     pub cache_mib: usize,
+    /// How many jobs the store takes at once (see [`DEFAULT_QUEUE_CAPACITY`]); at least one.
+    pub queue_capacity: usize,
 }
 
 impl Default for Options {
@@ -97,6 +100,7 @@ impl Default for Options {
             history_merge_rows: DEFAULT_HISTORY_MERGE_ROWS,
             dedup_merge_rows: DEFAULT_DEDUP_MERGE_ROWS,
             cache_mib: DEFAULT_CACHE_MIB,
+            queue_capacity: DEFAULT_QUEUE_CAPACITY,
         }
     }
 }
@@ -142,7 +146,7 @@ impl SqliteStore {
         checkpoint::start(&path, options.durability, checkpoints_stopped)?;
         let shared = Arc::new(Shared::new(database));
         let (writer, work) = mpsc::channel();
-        let committer = Committer::new(Arc::clone(&shared), writer);
+        let committer = Committer::new(Arc::clone(&shared), writer, options.queue_capacity);
         thread::Builder::new()
             .name("iagent-store".into())
             .spawn(move || {

@@ -5,8 +5,8 @@
 //! apps), purging of expired records, durability across a reopen and the checkpoints that copy
 //! commits into the main file, and the batching: concurrent claims of one `msg_id` yield
 //! exactly one `New`, a failing job does not take its batch down with it, a write whose caller
-//! gives up is committed all the same, and one that finds the database locked waits for it
-//! without holding up its caller's thread.
+//! gives up is committed all the same, one that finds the database locked waits for it
+//! without holding up its caller's thread, and one over the store's capacity waits for a place.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -433,6 +433,36 @@ async fn a_write_that_finds_the_database_locked_is_committed_once_the_lock_is_re
     other.execute_batch("COMMIT").unwrap();
     assert_eq!(write.await.unwrap().unwrap(), Claim::New);
     assert_echo_answered(&store, "m1").await;
+}
+
+#[tokio::test]
+async fn a_write_over_the_capacity_waits_for_a_place_and_leaves_nothing_if_given_up() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = Options {
+        queue_capacity: 1,
+        ..Options::default()
+    };
+    let store = Arc::new(SqliteStore::open(dir.path(), options).unwrap());
+    let other = rusqlite::Connection::open(store.path()).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    // The only place, held while the write waits for the lock.
+    let first = tokio::spawn({
+        let store = store.clone();
+        async move { store.record(echoed("m1", NOW), NOW).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let mut second = store.record(echoed("m2", NOW), NOW);
+    let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
+    assert!(second.as_mut().poll(&mut cx).is_pending(), "no place yet");
+    drop(second);
+    other.execute_batch("COMMIT").unwrap();
+    assert_eq!(first.await.unwrap().unwrap(), Claim::New);
+    assert_echo_answered(&store, "m1").await;
+    assert_eq!(
+        copies_stored(dir.path(), "response to m2"),
+        0,
+        "given up before it had a place"
+    );
 }
 
 #[tokio::test]

@@ -51,6 +51,7 @@ struct Serve {
     history_merge_rows: usize,
     dedup_merge_rows: usize,
     store_cache_mib: usize,
+    store_queue: usize,
 }
 
 impl Default for Serve {
@@ -64,6 +65,7 @@ impl Default for Serve {
             history_merge_rows: iagent_store::DEFAULT_HISTORY_MERGE_ROWS,
             dedup_merge_rows: iagent_store::DEFAULT_DEDUP_MERGE_ROWS,
             store_cache_mib: iagent_store::DEFAULT_CACHE_MIB,
+            store_queue: iagent_store::DEFAULT_QUEUE_CAPACITY,
         }
     }
 }
@@ -113,6 +115,7 @@ impl Settings {
                 history_merge_rows: file.serve.history_merge_rows,
                 dedup_merge_rows: file.serve.dedup_merge_rows,
                 cache_mib: file.serve.store_cache_mib,
+                queue_capacity: file.serve.store_queue,
             },
             server: file.server,
             agents: file.agents,
@@ -146,6 +149,11 @@ const COMMENTS: &[(&str, &str)] = &[
         "store_cache_mib",
         "Most memory, in MiB, the database's page cache takes. At it: the least recently used\n\
          pages are dropped, and read again from the operating system when next needed.",
+    ),
+    (
+        "store_queue",
+        "Store jobs (claims, completions, reads) taken at once, queued or being committed.\n\
+         At it: further messages wait for a place before they are processed.",
     ),
     (
         "max_frame_bytes",
@@ -404,7 +412,7 @@ mod tests {
         std::fs::write(
             &path,
             "[serve]\ndurability = \"power\"\nhistory_merge_rows = 7\ndedup_merge_rows = 9\n\
-             store_cache_mib = 3\n",
+             store_cache_mib = 3\nstore_queue = 5\n",
         )
         .expect("write");
         let store = Settings::load(Some(&path), None, None)
@@ -417,6 +425,7 @@ mod tests {
                 history_merge_rows: 7,
                 dedup_merge_rows: 9,
                 cache_mib: 3,
+                queue_capacity: 5,
             }
         );
     }

@@ -22,9 +22,9 @@ use std::sync::{Arc, Mutex, PoisonError, mpsc};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use super::MAX_BATCH;
 use super::lock_wait::NoWait;
 use super::writer::{self, Database, Job, Shared, Work};
-use super::{MAX_BATCH, QUEUE_CAPACITY};
 use crate::{Result, StoreError};
 
 /// Where jobs are queued and who commits them.
@@ -32,30 +32,33 @@ pub(super) struct Committer {
     shared: Arc<Shared>,
     /// Jobs queued and not yet taken into a batch.
     queued: Mutex<Vec<Box<dyn Job>>>,
-    /// Places for [`QUEUE_CAPACITY`] jobs at once, queued, running or with the writer thread;
-    /// a caller waits for one (back-pressure on the message path) instead of growing memory.
+    /// Places for `capacity` jobs at once, queued, running or with the writer thread; a
+    /// caller waits for one (back-pressure on the message path) instead of growing memory.
     admission: Arc<Semaphore>,
+    capacity: usize,
     writer: mpsc::Sender<Work>,
 }
 
 impl std::fmt::Debug for Committer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let admitted = self.capacity - self.admission.available_permits();
         f.debug_struct("Committer")
-            .field(
-                "admitted",
-                &(QUEUE_CAPACITY - self.admission.available_permits()),
-            )
+            .field("admitted", &admitted)
+            .field("capacity", &self.capacity)
             .finish_non_exhaustive()
     }
 }
 
 impl Committer {
-    /// A committer for the database `shared`, handing what it cannot commit to `writer`.
-    pub(super) fn new(shared: Arc<Shared>, writer: mpsc::Sender<Work>) -> Self {
+    /// A committer for the database `shared` that takes `capacity` jobs at once (at least
+    /// one), handing what it cannot commit to `writer`.
+    pub(super) fn new(shared: Arc<Shared>, writer: mpsc::Sender<Work>, capacity: usize) -> Self {
+        let capacity = capacity.max(1);
         Self {
             shared,
             queued: Mutex::new(Vec::new()),
-            admission: Arc::new(Semaphore::new(QUEUE_CAPACITY)),
+            admission: Arc::new(Semaphore::new(capacity)),
+            capacity,
             writer,
         }
     }
