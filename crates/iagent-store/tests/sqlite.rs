@@ -416,19 +416,31 @@ async fn a_write_whose_caller_gives_up_once_it_is_queued_is_committed_all_the_sa
     assert_echo_answered(&store, "m1").await;
 }
 
-#[tokio::test]
-async fn a_write_that_finds_the_database_locked_is_committed_once_the_lock_is_released() {
-    let (_dir, store) = fresh();
-    let store = Arc::new(store);
+/// Another connection holding the write lock, and the echo of `m1` written meanwhile, given
+/// the time to find the lock held; the lock is released by committing the connection.
+async fn write_under_another_lock(
+    store: &Arc<SqliteStore>,
+) -> (
+    rusqlite::Connection,
+    tokio::task::JoinHandle<Result<Claim, StoreError>>,
+) {
     let other = rusqlite::Connection::open(store.path()).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
     let write = tokio::spawn({
         let store = store.clone();
         async move { store.record(echoed("m1", NOW), NOW).await }
     });
+    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    (other, write)
+}
+
+#[tokio::test]
+async fn a_write_that_finds_the_database_locked_is_committed_once_the_lock_is_released() {
+    let (_dir, store) = fresh();
+    let store = Arc::new(store);
     // The caller's thread (this one) found the lock held and went on: it is free to let the
     // write wait here, and to release the lock.
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let (other, write) = write_under_another_lock(&store).await;
     assert!(!write.is_finished(), "committed under another's lock");
     other.execute_batch("COMMIT").unwrap();
     assert_eq!(write.await.unwrap().unwrap(), Claim::New);
@@ -443,14 +455,8 @@ async fn a_write_over_the_capacity_waits_for_a_place_and_leaves_nothing_if_given
         ..Options::default()
     };
     let store = Arc::new(SqliteStore::open(dir.path(), options).unwrap());
-    let other = rusqlite::Connection::open(store.path()).unwrap();
-    other.execute_batch("BEGIN IMMEDIATE").unwrap();
     // The only place, held while the write waits for the lock.
-    let first = tokio::spawn({
-        let store = store.clone();
-        async move { store.record(echoed("m1", NOW), NOW).await }
-    });
-    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    let (other, first) = write_under_another_lock(&store).await;
     let mut second = store.record(echoed("m2", NOW), NOW);
     let mut cx = std::task::Context::from_waker(std::task::Waker::noop());
     assert!(second.as_mut().poll(&mut cx).is_pending(), "no place yet");
