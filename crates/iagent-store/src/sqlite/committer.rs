@@ -1,10 +1,10 @@
 //! Group commit on the callers' own thread.
 //!
 //! Every job used to go to the writer thread, and its caller waited to be woken with the
-//! answer: two thread switches a batch, which under moderate load (a batch or two per
-//! message) were most of the message path's cost. At 10 000 messages/s on one core, the
-//! runtime's thread spent 37 µs and the writer's 20 µs of CPU per message, against 6.5 and 6
-//! at saturation, most of it in switching.
+//! answer: two thread switches a batch, and under moderate load a batch is a message or two.
+//! At 10 000 messages/s on one core the runtime's thread spent 37 µs and the writer's 20 µs
+//! of CPU per message, against 6.5 and 6 at saturation. Committing on the caller's thread took
+//! 15% off the CPU per message at that rate (`bench/pairs`, in BENCHMARKS.md).
 //!
 //! Here a caller queues its job and yields to its runtime once, so that every task that is
 //! ready to run can queue its own; then it commits what is queued, itself, in one transaction.
