@@ -105,6 +105,12 @@ impl Committer {
     /// Commits up to [`MAX_BATCH`] queued jobs on this thread, or hands every queued job to
     /// the writer thread if the database is busy.
     fn flush(&self) {
+        // Most callers find their jobs taken by the first one back: they need not look at
+        // the database.
+        let mut jobs = self.take(MAX_BATCH);
+        if jobs.is_empty() {
+            return;
+        }
         // A merge slice the writer thread owes comes before the next batch, as it would on
         // the writer thread alone: the jobs queue behind it.
         let Some(mut database) = self
@@ -112,12 +118,9 @@ impl Committer {
             .try_database()
             .filter(|_| !self.shared.merge_owed())
         else {
-            return self.hand_over(self.take(usize::MAX));
+            jobs.append(&mut self.take(usize::MAX));
+            return self.hand_over(jobs);
         };
-        let mut jobs = self.take(MAX_BATCH);
-        if jobs.is_empty() {
-            return;
-        }
         let _no_wait = NoWait::begin();
         if writer::begin(&database).is_err() {
             // Locked by another connection, most likely; the writer thread will wait for it,
