@@ -12,6 +12,7 @@ mod committer;
 mod dedup;
 mod history;
 mod lock_wait;
+mod packed;
 mod writer;
 
 use std::path::{Path, PathBuf};
@@ -25,6 +26,7 @@ pub use history::{DEFAULT_HISTORY_MERGE_ROWS, HISTORY_MERGE_SLICE_ROWS};
 
 use self::committer::Committer;
 use self::dedup::Record;
+use self::packed::Pack;
 use self::writer::{Database, Shared, write_loop};
 use crate::token::{self, Token};
 use crate::{
@@ -414,8 +416,14 @@ fn insert_row(
             app,
             msg_id,
             received_ms,
-            inbound,
-            response
+            inbound.map(|text| Pack {
+                text,
+                msg_id: Some(msg_id)
+            }),
+            response.map(|text| Pack {
+                text,
+                msg_id: Some(msg_id)
+            })
         ])?;
     if inserted == 0 {
         return earlier_merged_claim(database, app, msg_id);
@@ -434,12 +442,12 @@ fn earlier_merged_claim(conn: &Connection, app: &str, msg_id: &str) -> Result<Cl
 /// What became of the message whose record this is.
 fn earlier_claim(conn: &Connection, record: Record) -> Result<Claim> {
     let (sql, id) = match record {
-        Record::Row(id) => ("SELECT response FROM messages WHERE id = ?1", id),
-        Record::Entry(id) => ("SELECT reply FROM history WHERE id = ?1", id),
+        Record::Row(id) => ("SELECT response, msg_id FROM messages WHERE id = ?1", id),
+        Record::Entry(id) => ("SELECT reply, msg_id FROM history WHERE id = ?1", id),
     };
-    let response: Option<String> = conn
-        .prepare_cached(sql)?
-        .query_row([id], |row| row.get(0))?;
+    let response = conn.prepare_cached(sql)?.query_row([id], |row| {
+        packed::optional_text(row, 0, row.get_ref(1)?.as_str_or_null()?)
+    })?;
     Ok(response.map_or(Claim::Pending, Claim::Answered))
 }
 
@@ -696,7 +704,13 @@ impl Store for SqliteStore {
                     .prepare_cached(
                         "UPDATE messages SET response = ?2, inbound = NULL WHERE id = ?1",
                     )?
-                    .execute(params![id, completion.response])?;
+                    .execute(params![
+                        id,
+                        Pack {
+                            text: &completion.response,
+                            msg_id: Some(&completion.msg_id)
+                        }
+                    ])?;
             }
             database.append_history(&completion.app, &completion.history)
         })
@@ -740,7 +754,7 @@ impl Store for SqliteStore {
     fn deferred(&self) -> BoxFuture<'_, Result<Vec<DeferredMessage>>> {
         self.run(|conn| {
             let mut statement = conn.prepare_cached(
-                "SELECT app, inbound, deferred_agent, deferred_until FROM messages
+                "SELECT app, inbound, deferred_agent, deferred_until, msg_id FROM messages
                  WHERE response IS NULL AND deferred_until IS NOT NULL
                  ORDER BY deferred_until",
             )?;
@@ -748,7 +762,7 @@ impl Store for SqliteStore {
                 .query_map([], |row| {
                     Ok(DeferredMessage {
                         app: row.get(0)?,
-                        inbound: row.get(1)?,
+                        inbound: packed::text(row, 1, row.get_ref(4)?.as_str_or_null()?)?,
                         agent: row.get(2)?,
                         until_ms: row.get(3)?,
                     })
@@ -766,7 +780,7 @@ impl Store for SqliteStore {
     fn unanswered(&self) -> BoxFuture<'_, Result<Vec<Unanswered>>> {
         self.run(|conn| {
             let mut statement = conn.prepare_cached(
-                "SELECT app, inbound FROM messages
+                "SELECT app, inbound, msg_id FROM messages
                  WHERE response IS NULL AND deferred_until IS NULL
                  ORDER BY id",
             )?;
@@ -774,7 +788,7 @@ impl Store for SqliteStore {
                 .query_map([], |row| {
                     Ok(Unanswered {
                         app: row.get(0)?,
-                        inbound: row.get(1)?,
+                        inbound: packed::text(row, 1, row.get_ref(2)?.as_str_or_null()?)?,
                     })
                 })?
                 .collect::<rusqlite::Result<_>>()?;

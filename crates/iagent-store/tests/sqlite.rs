@@ -1,12 +1,13 @@
 //! Proves the SQLite store's behaviour through the [`Store`] trait, against a real database in a
 //! temporary directory: apps and their validation, tokens (lookup, rotation, revocation, and that
 //! only their SHA-256 hashes ever reach the database files), the dedup record of `msg_id`s
-//! (claim, complete, unanswered), the outbox (push, peek, remove, depths, isolation between
-//! apps), purging of expired records, durability across a reopen and the checkpoints that copy
-//! commits into the main file, and the batching: concurrent claims of one `msg_id` yield
-//! exactly one `New`, a failing job does not take its batch down with it, a write whose caller
-//! gives up is committed all the same, one that finds the database locked waits for it
-//! without holding up its caller's thread, and one over the store's capacity waits for a place.
+//! (claim, complete, unanswered), message texts stored packed and read back whole, the outbox
+//! (push, peek, remove, depths, isolation between apps), purging of expired records, durability
+//! across a reopen and the checkpoints that copy commits into the main file, and the batching:
+//! concurrent claims of one `msg_id` yield exactly one `New`, a failing job does not take its
+//! batch down with it, a write whose caller gives up is committed all the same, one that finds
+//! the database locked waits for it without holding up its caller's thread, and one over the
+//! store's capacity waits for a place.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -518,6 +519,95 @@ async fn a_record_outliving_its_history_entry_keeps_its_response() {
             .await
             .unwrap(),
         Claim::New
+    );
+}
+
+/// A message as the gateway writes it, and the echo's reply to it.
+fn gateway_exchange(msg_id: &str) -> (String, String) {
+    let message = format!(
+        r#"{{"chat_type":1,"msg_id":"{msg_id}","timestamp":1796233539832,"sender_type":1,"sender_id":"u182","resp_code":0,"content_type":1,"content":"say \"{msg_id}\", {{ok}}"}}"#
+    );
+    let reply = format!(
+        r#"{{"chat_type":1,"msg_id":"g-{msg_id}","ref_msg_id":"{msg_id}","timestamp":1796233539840,"sender_type":2,"sender_id":"echo","receiver_id":"u182","resp_code":0,"content_type":1,"content":"say \"{msg_id}\", {{ok}}"}}"#
+    );
+    (message, reply)
+}
+
+#[tokio::test]
+async fn message_texts_are_stored_packed_and_read_back_as_they_were() {
+    let (dir, store) = fresh();
+    let mut texts = 0;
+    for (msg_id, at_ms) in [("b18ed80e-6-1", NOW - 100), ("b18ed80e-6-2", NOW)] {
+        let (message, reply) = gateway_exchange(msg_id);
+        texts += message.len() + reply.len();
+        let entry = HistoryEntry {
+            reply: Some(reply.clone()),
+            ..history("c", at_ms, &message)
+        };
+        let echo = completion("shop", msg_id, &reply, vec![entry]);
+        assert_eq!(store.record(echo, NOW).await.unwrap(), Claim::New);
+    }
+    let (stored, kinds): (usize, String) =
+        rusqlite::Connection::open(dir.path().join("iagent.sqlite3"))
+            .unwrap()
+            .query_row(
+                "SELECT SUM(LENGTH(message) + LENGTH(reply)),
+                    GROUP_CONCAT(TYPEOF(message) || ' ' || TYPEOF(reply), ', ')
+             FROM history",
+                [],
+                |row| Ok((row.get(0)?, row.get(1)?)),
+            )
+            .unwrap();
+    assert_eq!(kinds, "blob blob, blob blob");
+    assert!(
+        stored * 2 < texts,
+        "{stored} bytes stored for {texts} of text"
+    );
+
+    let (first, second) = (
+        gateway_exchange("b18ed80e-6-1"),
+        gateway_exchange("b18ed80e-6-2"),
+    );
+    assert_eq!(
+        store.history("shop", "c", 10).await.unwrap(),
+        [&*first.0, &first.1, &second.0, &second.1]
+    );
+    // The first entry's record outlives it, in a dedup row of its own: still read back whole.
+    let purged = store
+        .purge(PurgeBefore {
+            dedup: 0,
+            history: NOW - 50,
+            outbox: 0,
+            files: 0,
+        })
+        .await
+        .unwrap();
+    assert_eq!(purged.history, 1);
+    for (msg_id, reply) in [("b18ed80e-6-1", &first.1), ("b18ed80e-6-2", &second.1)] {
+        assert_eq!(
+            store
+                .claim("shop", msg_id, "again".into(), NOW)
+                .await
+                .unwrap(),
+            Claim::Answered(reply.clone())
+        );
+    }
+
+    // A claimed message's inbound text, and its response once completed.
+    let (inbound, response) = gateway_exchange("b18ed80e-6-3");
+    let claim = store.claim("shop", "b18ed80e-6-3", inbound.clone(), NOW);
+    assert_eq!(claim.await.unwrap(), Claim::New);
+    let unanswered = store.unanswered().await.unwrap();
+    assert_eq!(unanswered.len(), 1);
+    assert_eq!(unanswered[0].inbound, inbound);
+    let done = completion("shop", "b18ed80e-6-3", &response, vec![]);
+    store.complete(done).await.unwrap();
+    assert_eq!(
+        store
+            .claim("shop", "b18ed80e-6-3", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered(response)
     );
 }
 

@@ -32,6 +32,7 @@ use std::sync::Arc;
 use rusqlite::{Connection, OptionalExtension, params};
 
 use super::KeyMap;
+use super::packed::{self, Pack};
 use crate::{HistoryEntry, Result};
 
 /// How many rows are appended, by default, before the heads that moved are written into
@@ -319,8 +320,11 @@ impl HistoryHeads {
             msg_id,
             entry.conversation,
             entry.at_ms,
-            entry.message,
-            entry.reply,
+            Pack {
+                text: &entry.message,
+                msg_id
+            },
+            entry.reply.as_deref().map(|text| Pack { text, msg_id }),
             prev
         ])?;
         if inserted == 0 {
@@ -345,7 +349,8 @@ impl HistoryHeads {
         // a pointer, and a pointer must not be able to show one conversation another's
         // messages.
         let mut entry = conn.prepare_cached(
-            "SELECT message, reply, prev FROM history WHERE id = ?1 AND app = ?2 AND conversation = ?3",
+            "SELECT message, reply, prev, msg_id FROM history
+             WHERE id = ?1 AND app = ?2 AND conversation = ?3",
         )?;
         let mut newest_first = Vec::with_capacity(limit.min(64));
         let mut next = self.head(conn, app, conversation)?;
@@ -354,9 +359,10 @@ impl HistoryHeads {
         {
             let found = entry
                 .query_row(params![id, app, conversation], |row| {
+                    let msg_id = row.get_ref(3)?.as_str_or_null()?;
                     Ok((
-                        row.get::<_, String>(0)?,
-                        row.get::<_, Option<String>>(1)?,
+                        packed::text(row, 0, msg_id)?,
+                        packed::optional_text(row, 1, msg_id)?,
                         row.get::<_, Option<i64>>(2)?,
                     ))
                 })

@@ -1,0 +1,289 @@
+//! Message texts packed for storage.
+//!
+//! Each echo stores a history entry with two JSON texts, the message and its reply, and a row's
+//! bytes are what the store pays for most: each byte is written into the WAL, copied back into
+//! the database by the checkpointer, and grows the file. Half of those texts are field names,
+//! and a record's `msg_id` is in them twice more (as the message's `msg_id` and the reply's
+//! `ref_msg_id`) besides its own column. Packed, each field name the gateway writes is one byte,
+//! and the record's `msg_id` after a `msg_id` or `ref_msg_id` name is one more: an echo's entry
+//! of the benchmark takes less than half the bytes it did.
+//!
+//! Packing substitutes byte strings with bytes that JSON text never holds unescaped (control
+//! characters: JSON escapes them inside strings and allows only whitespace outside them), so it
+//! is lossless for any text, whatever its shape; a text that has a control character in it, or
+//! none of the names, is stored as it is. A packed text is stored as a BLOB and any other as TEXT, so one column holds
+//! both, and rows written before packing read back unchanged.
+
+use rusqlite::Row;
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, Value, ValueRef};
+
+/// The field names packed, each as `Message::to_json` writes it (with the opening quote of a
+/// string value), in the order it writes them. Name `i` is packed as byte `i + 1`.
+const NAMES: [&[u8]; 11] = [
+    b"{\"chat_type\":",
+    b",\"msg_id\":\"",
+    b",\"ref_msg_id\":\"",
+    b",\"timestamp\":",
+    b",\"group_id\":\"",
+    b",\"sender_type\":",
+    b",\"sender_id\":\"",
+    b",\"receiver_id\":\"",
+    b",\"resp_code\":",
+    b",\"content_type\":",
+    b",\"content\":\"",
+];
+
+/// The codes of the names whose value may be the record's `msg_id`.
+const NAME_MSG_ID: u8 = 2;
+const NAME_REF_MSG_ID: u8 = 3;
+
+/// The code of the record's `msg_id` and the quote that closes it.
+const RECORD_MSG_ID: u8 = NAMES.len() as u8 + 1;
+
+/// A message's JSON text, bound as a statement's parameter in its stored form: packed into a
+/// BLOB, or as TEXT when it cannot be packed. `msg_id` is that of the record the row is (its
+/// own `msg_id` column), if any; it must be given again to read the text back.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Pack<'a> {
+    pub(super) text: &'a str,
+    pub(super) msg_id: Option<&'a str>,
+}
+
+impl ToSql for Pack<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(match pack(self.text, self.msg_id) {
+            Some(packed) => ToSqlOutput::Owned(Value::Blob(packed)),
+            None => ToSqlOutput::Borrowed(ValueRef::Text(self.text.as_bytes())),
+        })
+    }
+}
+
+/// Reads column `index` of `row` back as the text [`Pack`] stored there with `msg_id`.
+pub(super) fn text(row: &Row<'_>, index: usize, msg_id: Option<&str>) -> rusqlite::Result<String> {
+    let stored: Stored = row.get(index)?;
+    stored.unpack(msg_id).map_err(|err| {
+        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Blob, Box::new(err))
+    })
+}
+
+/// Like [`text`], for a column that may be NULL.
+pub(super) fn optional_text(
+    row: &Row<'_>,
+    index: usize,
+    msg_id: Option<&str>,
+) -> rusqlite::Result<Option<String>> {
+    match row.get_ref(index)? {
+        ValueRef::Null => Ok(None),
+        _ => text(row, index, msg_id).map(Some),
+    }
+}
+
+/// A stored text as read: packed, or as it was given.
+enum Stored {
+    Text(String),
+    Packed(Vec<u8>),
+}
+
+impl FromSql for Stored {
+    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
+        match value {
+            ValueRef::Blob(packed) => Ok(Self::Packed(packed.to_vec())),
+            ValueRef::Text(_) => String::column_result(value).map(Self::Text),
+            _ => Err(FromSqlError::InvalidType),
+        }
+    }
+}
+
+impl Stored {
+    fn unpack(self, msg_id: Option<&str>) -> Result<String, Unpack> {
+        match self {
+            Self::Text(text) => Ok(text),
+            Self::Packed(packed) => unpack(&packed, msg_id),
+        }
+    }
+}
+
+/// Why a packed text could not be read back: the row was not written by [`Pack`] with the
+/// `msg_id` it was read with.
+#[derive(Debug, thiserror::Error)]
+pub(super) enum Unpack {
+    #[error("packed text holds an unknown code {0}")]
+    UnknownCode(u8),
+    #[error("packed text names its record's msg_id, and the record has none")]
+    NoMsgId,
+    #[error("packed text is not UTF-8")]
+    NotUtf8,
+}
+
+/// `text` packed, or `None` if it holds a control character or nothing to pack (and is
+/// stored as it is).
+fn pack(text: &str, msg_id: Option<&str>) -> Option<Vec<u8>> {
+    let bytes = text.as_bytes();
+    // Folded rather than searched, so that the check runs over whole vectors of bytes.
+    if bytes
+        .iter()
+        .fold(false, |control, &byte| control | (byte < 0x20))
+    {
+        return None;
+    }
+    let mut packed = Vec::with_capacity(bytes.len());
+    let mut copied = 0;
+    let mut at = 0;
+    // Names are looked for in the order they are written, from the one after the last found:
+    // a text written by `Message::to_json` finds each at the first try.
+    let mut next_name = 0;
+    while let Some(found) = memchr::memchr2(b'{', b',', &bytes[at..]) {
+        let start = at + found;
+        let Some((index, name)) = (next_name..NAMES.len())
+            .map(|index| (index, NAMES[index]))
+            .find(|(_, name)| bytes[start..].starts_with(name))
+        else {
+            at = start + 1;
+            continue;
+        };
+        next_name = index + 1;
+        let code = index as u8 + 1;
+        packed.extend_from_slice(&bytes[copied..start]);
+        packed.push(code);
+        at = start + name.len();
+        if let Some(msg_id) = msg_id
+            && (code == NAME_MSG_ID || code == NAME_REF_MSG_ID)
+            && bytes[at..].starts_with(msg_id.as_bytes())
+            && bytes.get(at + msg_id.len()) == Some(&b'"')
+        {
+            packed.push(RECORD_MSG_ID);
+            at += msg_id.len() + 1;
+        }
+        copied = at;
+    }
+    // Nothing packed: the text is stored as it is, and reads as text in the database too.
+    if copied == 0 {
+        return None;
+    }
+    packed.extend_from_slice(&bytes[copied..]);
+    Some(packed)
+}
+
+/// The text `packed` was packed from, with `msg_id` as it was packed with.
+fn unpack(packed: &[u8], msg_id: Option<&str>) -> Result<String, Unpack> {
+    let mut text = Vec::with_capacity(packed.len() * 2);
+    let mut rest = packed;
+    while let Some(at) = rest.iter().position(|&byte| byte < 0x20) {
+        text.extend_from_slice(&rest[..at]);
+        match rest[at] {
+            RECORD_MSG_ID => {
+                text.extend_from_slice(msg_id.ok_or(Unpack::NoMsgId)?.as_bytes());
+                text.push(b'"');
+            }
+            code @ 1..RECORD_MSG_ID => text.extend_from_slice(NAMES[usize::from(code) - 1]),
+            code => return Err(Unpack::UnknownCode(code)),
+        }
+        rest = &rest[at + 1..];
+    }
+    text.extend_from_slice(rest);
+    String::from_utf8(text).map_err(|_| Unpack::NotUtf8)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The benchmark's message and the echo's reply to it, as the gateway writes them.
+    const MESSAGE: &str = r#"{"chat_type":1,"msg_id":"b18ed80e06f78bca2-6-137522","timestamp":1796233539832,"sender_type":1,"sender_id":"u182","resp_code":0,"content_type":1,"content":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
+    const REPLY: &str = r#"{"chat_type":1,"msg_id":"g817e8b183d71232c-1111317","ref_msg_id":"b18ed80e06f78bca2-6-137522","timestamp":1796233539840,"sender_type":2,"sender_id":"echo","receiver_id":"u182","resp_code":0,"content_type":1,"content":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
+    const RECORD: &str = "b18ed80e06f78bca2-6-137522";
+
+    /// The bytes `text` takes stored, once it is checked to read back as it was.
+    fn round_trip(text: &str, msg_id: Option<&str>) -> usize {
+        let Some(packed) = pack(text, msg_id) else {
+            return text.len();
+        };
+        assert_eq!(
+            unpack(&packed, msg_id).expect("packed here"),
+            text,
+            "packed as {packed:?}"
+        );
+        assert!(packed.len() < text.len(), "{text:?} packed as {packed:?}");
+        packed.len()
+    }
+
+    #[test]
+    fn an_echo_entry_packs_to_less_than_half_its_text() {
+        let packed = round_trip(MESSAGE, Some(RECORD)) + round_trip(REPLY, Some(RECORD));
+        assert!(
+            packed * 2 < MESSAGE.len() + REPLY.len(),
+            "{packed} bytes packed of {}",
+            MESSAGE.len() + REPLY.len()
+        );
+    }
+
+    #[test]
+    fn the_record_msg_id_is_packed_only_where_it_is_a_whole_value() {
+        let without = round_trip(REPLY, None);
+        assert_eq!(round_trip(REPLY, Some(RECORD)), without - RECORD.len());
+        // A prefix of the value, or a value the record's id is a prefix of, stays as it is.
+        assert_eq!(
+            round_trip(REPLY, Some("b18ed80e06f78bca2-6-13752")),
+            without
+        );
+        assert_eq!(
+            round_trip(REPLY, Some("b18ed80e06f78bca2-6-1375222")),
+            without
+        );
+        // The same id as another field's value is not taken for it.
+        let text = r#"{"chat_type":1,"msg_id":"m","timestamp":1,"sender_type":1,"sender_id":"m","resp_code":0,"content_type":1,"content":"m"}"#;
+        let packed = pack(text, Some("m")).expect("names to pack");
+        assert_eq!(
+            packed.iter().filter(|&&byte| byte == RECORD_MSG_ID).count(),
+            1
+        );
+        assert_eq!(unpack(&packed, Some("m")).expect("packed here"), text);
+    }
+
+    #[test]
+    fn any_text_reads_back_as_it_was() {
+        let texts = [
+            "",
+            "{}",
+            "not json at all",
+            r#"{"content":"a","chat_type":1}"#,
+            r#"{"chat_type":1,"chat_type":2,"msg_id":"x"}"#,
+            r#"{"chat_type":1,"content":"{\"chat_type\":1,\"msg_id\":\"m\"}, {\"msg_id\":\"m\"}"}"#,
+            r#"[{"chat_type":1},{"chat_type":2,"msg_id":"m"}]"#,
+            r#"{"chat_type":1,"msg_id":"m","content":"ünïcødé ✓ 𝄞,{"}"#,
+            r#"{"chat_type":1,"msg_id":"m"#,
+            ",\"msg_id\":\"m\",\"msg_id\":\"m\"",
+        ];
+        for text in texts {
+            for msg_id in [None, Some("m"), Some(""), Some("x")] {
+                round_trip(text, msg_id);
+            }
+        }
+    }
+
+    #[test]
+    fn a_text_with_a_control_character_or_nothing_to_pack_is_stored_as_it_is() {
+        let texts = [
+            "{\n\"chat_type\":1}",
+            "{\"chat_type\":1}\r\n",
+            "\u{1}\u{c}",
+            "",
+            "response to m1",
+            r#"{"chat_type" :1,"msg_id" : "m"}"#,
+        ];
+        for text in texts {
+            assert_eq!(pack(text, Some("m")), None, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_packed_text_read_with_the_wrong_record_is_an_error() {
+        let packed = pack(MESSAGE, Some(RECORD)).expect("names to pack");
+        assert!(matches!(unpack(&packed, None), Err(Unpack::NoMsgId)));
+        assert!(matches!(
+            unpack(&[b'a', 31], None),
+            Err(Unpack::UnknownCode(31))
+        ));
+        assert!(matches!(unpack(&[1, 0xff], None), Err(Unpack::NotUtf8)));
+    }
+}
