@@ -241,6 +241,21 @@ mod tests {
     }
 
     #[test]
+    fn every_name_is_packed_whatever_the_values_before_it_hold() {
+        let texts = [
+            r#"{"chat_type":1,"msg_id":"a\\","timestamp":-1,"sender_type":1,"sender_id":"\"","resp_code":0,"content_type":1,"content":"\\\""}"#,
+            r#"{"chat_type":1,"msg_id":"a\",\"timestamp\":2","timestamp":1.5e3,"sender_type":1,"sender_id":"{\"chat_type\":1}","resp_code":0,"content_type":1,"content":","}"#,
+            r#"{"chat_type":1,"msg_id":"m","timestamp":1 ,"sender_type":1,"sender_id":"u","resp_code":0,"content_type":1,"content":""}"#,
+        ];
+        for text in texts {
+            let packed = pack(text, None).expect("names to pack");
+            assert_eq!(unpack(&packed, None).expect("packed here"), text);
+            let names = packed.iter().filter(|&&byte| byte < RECORD_MSG_ID).count();
+            assert_eq!(names, 8, "{text} packed as {packed:?}");
+        }
+    }
+
+    #[test]
     fn any_text_reads_back_as_it_was() {
         let texts = [
             "",
