@@ -7,6 +7,7 @@
 //! share one commit, while a lone request still commits at once (nobody waits to fill a
 //! batch). The database runs in WAL mode; see [`Durability`] for what a commit survives.
 
+mod bulk;
 mod checkpoint;
 mod committer;
 mod dedup;

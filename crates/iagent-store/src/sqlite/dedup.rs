@@ -32,9 +32,10 @@
 
 use std::sync::Arc;
 
-use rusqlite::{Connection, OptionalExtension, ToSql, params, params_from_iter};
+use rusqlite::{Connection, OptionalExtension, ToSql, params};
 
 use super::KeyMap;
+use super::bulk;
 use crate::Result;
 
 /// How many dedup rows are appended, by default, before their keys are written into
@@ -101,28 +102,6 @@ pub(super) fn find_merged(conn: &Connection, app: &str, msg_id: &str) -> Result<
         .query_row(params![app, msg_id], |row| row.get(0))
         .optional()?
         .map(Record::from_key_id))
-}
-
-/// How many keys one statement of a merge inserts.
-const KEYS_PER_INSERT: usize = 64;
-
-/// The statement that inserts `keys` keys.
-fn insert_keys_sql(keys: usize) -> String {
-    let mut sql = String::from("INSERT OR REPLACE INTO message_keys (app, msg_id, id) VALUES ");
-    for key in 0..keys {
-        let at = 3 * key;
-        if key > 0 {
-            sql.push(',');
-        }
-        sql.push_str(&format!("(?{}, ?{}, ?{})", at + 1, at + 2, at + 3));
-    }
-    sql
-}
-
-/// The parameters of [`insert_keys_sql`] for `keys`.
-fn key_params(keys: &[RunKey]) -> impl Iterator<Item = &dyn ToSql> {
-    keys.iter()
-        .flat_map(|key| [&key.app as &dyn ToSql, &key.msg_id, &key.id])
 }
 
 /// The `store_meta` key of the last dedup row id whose key `message_keys` has.
@@ -455,20 +434,12 @@ impl DedupKeys {
         };
         let end = run.keys.len().min(run.written + DEDUP_MERGE_SLICE_ROWS);
         let slice = &run.keys[run.written..end];
-        // Many keys per statement: run one at a time, the statement's own overhead was about
-        // as much as the insert.
-        let mut chunks = slice.chunks_exact(KEYS_PER_INSERT);
-        let mut insert = conn.prepare_cached(&insert_keys_sql(KEYS_PER_INSERT))?;
-        for chunk in chunks.by_ref() {
-            insert.execute(params_from_iter(key_params(chunk)))?;
-        }
-        // The rest, once per run and of any length, is not cached: its statements would push
-        // the message path's own out of the connection's small statement cache.
-        let rest = chunks.remainder();
-        if !rest.is_empty() {
-            conn.prepare(&insert_keys_sql(rest.len()))?
-                .execute(params_from_iter(key_params(rest)))?;
-        }
+        bulk::insert_all(
+            conn,
+            "INSERT OR REPLACE INTO message_keys (app, msg_id, id)",
+            slice,
+            |key| [&key.app as &dyn ToSql, &key.msg_id, &key.id],
+        )?;
         if end == run.keys.len() {
             set_watermark(conn, run.through)?;
             super::set_meta(conn, ENTRIES_WATERMARK_KEY, run.entries_through)?;

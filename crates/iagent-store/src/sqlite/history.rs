@@ -29,9 +29,10 @@
 
 use std::sync::Arc;
 
-use rusqlite::{Connection, OptionalExtension, params};
+use rusqlite::{Connection, OptionalExtension, ToSql, params};
 
 use super::KeyMap;
+use super::bulk;
 use super::packed::{self, Pack};
 use crate::{HistoryEntry, Result};
 
@@ -436,13 +437,13 @@ impl HistoryHeads {
         };
         let run = self.run.insert(run);
         let end = run.heads.len().min(run.written + HISTORY_MERGE_SLICE_ROWS);
-        let mut upsert = conn.prepare_cached(
-            "INSERT INTO history_heads (app, conversation, head) VALUES (?1, ?2, ?3)
-             ON CONFLICT (app, conversation) DO UPDATE SET head = excluded.head",
+        // A head replaces the conversation's row, which holds nothing else.
+        bulk::insert_all(
+            conn,
+            "INSERT OR REPLACE INTO history_heads (app, conversation, head)",
+            &run.heads[run.written..end],
+            |(app, conversation, head)| [app as &dyn ToSql, conversation, head],
         )?;
-        for (app, conversation, head) in &run.heads[run.written..end] {
-            upsert.execute(params![app, conversation, head])?;
-        }
         if end == run.heads.len() {
             set_watermark(conn, run.through)?;
         }
