@@ -4,10 +4,10 @@
 //! (claim, complete, unanswered), message texts stored packed and read back whole, the outbox
 //! (push, peek, remove, depths, isolation between apps), purging of expired records, durability
 //! across a reopen and the checkpoints that copy commits into the main file, and the batching:
-//! concurrent claims of one `msg_id` yield exactly one `New`, a failing job does not take its
-//! batch down with it, a write whose caller gives up is committed all the same, one that finds
-//! the database locked waits for it without holding up its caller's thread, and one over the
-//! store's capacity waits for a place.
+//! concurrent claims of one `msg_id` yield exactly one `New`, more writes at once than a batch
+//! holds are all committed, a failing job does not take its batch down with it, a write whose
+//! caller gives up is committed all the same, one that finds the database locked waits for it
+//! without holding up its caller's thread, and one over the store's capacity waits for a place.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
@@ -1269,6 +1269,29 @@ async fn commits_reach_the_main_database_file_while_the_store_stays_open() {
 // ---------------------------------------------------------------------------------------------
 // Batching under concurrency
 // ---------------------------------------------------------------------------------------------
+
+#[tokio::test]
+async fn more_writes_at_once_than_a_batch_holds_are_all_committed() {
+    let (dir, store) = fresh();
+    let store = Arc::new(store);
+    let writes = 2 * iagent_store::sqlite::MAX_BATCH + 1;
+    let mut tasks = JoinSet::new();
+    for i in 0..writes {
+        let store = store.clone();
+        tasks.spawn(async move { store.record(echoed(&format!("m{i}"), NOW), NOW).await });
+    }
+    // One caller commits for all the others: the jobs it could not take into its first batch
+    // must not be left waiting for a committer that never comes.
+    let all = tokio::time::timeout(std::time::Duration::from_secs(30), tasks.join_all())
+        .await
+        .expect("every write answered");
+    assert!(all.into_iter().all(|claim| claim.unwrap() == Claim::New));
+    drop(store);
+    let store = open(dir.path());
+    for i in [0, writes / 2, writes - 1] {
+        assert_echo_answered(&store, &format!("m{i}")).await;
+    }
+}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_claims_yield_exactly_one_new_per_msg_id() {
