@@ -16,9 +16,10 @@
 //! One committer rather than every caller yielding and the first one back committing: tokio
 //! wakes a task that yielded at its next maintenance (every 61 task polls) as well as when its
 //! run queue empties, so at saturation the first caller back often found only its own job
-//! queued (40% of the commits held one job), and each caller's yield cost a poll. With one
-//! committer that waits while turns bring more jobs, the gateway did 1.04x the round trips at
-//! saturation at 0.95x the CPU per message, and the same at 10 000 messages/s (BENCHMARKS.md).
+//! queued (40% of the commits held one job, 30 jobs a commit on average), and each caller's
+//! yield cost a poll. With one committer that waits while turns bring more jobs, commits at
+//! saturation hold 147 jobs on average and 5% of them one; the gateway did 1.04x the round
+//! trips at 0.95x the CPU per message (BENCHMARKS.md).
 //!
 //! A caller's thread serves others, so it never waits for the database: when the writer thread
 //! has it (writing a merge, or jobs handed to it), or another connection holds SQLite's write
