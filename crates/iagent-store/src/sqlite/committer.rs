@@ -75,6 +75,10 @@ impl Committer {
 
     /// Runs `work` in a batch's transaction, and resolves with its result once that
     /// transaction has committed. `work` may run twice (see [`writer`]).
+    ///
+    /// The caller may be the committer of other callers' jobs too, so the future must be
+    /// polled to the end or dropped (dropping it commits what is queued), not kept aside
+    /// unpolled, as every future of the store's callers is.
     pub(super) async fn run<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
