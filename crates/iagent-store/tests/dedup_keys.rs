@@ -424,6 +424,19 @@ fn has_column(store: &SqliteStore, table: &str, column: &str) -> bool {
     .unwrap()
 }
 
+/// The columns of `message_keys`' primary key, in its order.
+fn key_order(store: &SqliteStore) -> Vec<String> {
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    let mut columns = conn
+        .prepare("SELECT name FROM pragma_table_info('message_keys') WHERE pk > 0 ORDER BY pk")
+        .unwrap();
+    columns
+        .query_map([], |row| row.get(0))
+        .unwrap()
+        .collect::<rusqlite::Result<_>>()
+        .unwrap()
+}
+
 #[tokio::test]
 async fn a_database_whose_dedup_rows_named_their_entries_is_folded_into_them() {
     let dir = tempfile::tempdir().unwrap();
@@ -492,6 +505,7 @@ async fn a_database_whose_dedup_rows_named_their_entries_is_folded_into_them() {
         let store = open(dir.path(), 1_000_000);
         assert!(!has_column(&store, "messages", "history_id"));
         assert!(!has_column(&store, "history", "message_id"));
+        assert_eq!(key_order(&store), ["msg_id", "app"], "reopen {reopen}");
         assert_eq!(records(&store), (2, 2), "reopen {reopen}");
         for (msg_id, claim) in &expected {
             let again = store.claim("shop", msg_id, "again".into(), NOW).await;
