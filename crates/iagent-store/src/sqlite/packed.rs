@@ -11,11 +11,11 @@
 //! Packing substitutes byte strings with bytes that JSON text never holds unescaped (control
 //! characters: JSON escapes them inside strings and allows only whitespace outside them), so it
 //! is lossless for any text, whatever its shape; a text that has a control character in it, or
-//! none of the names, is stored as it is. A packed text is stored as a BLOB and any other as TEXT, so one column holds
-//! both, and rows written before packing read back unchanged.
+//! none of the names, is stored as it is. A packed text is stored as a BLOB and any other as
+//! TEXT, so one column holds both, and rows written before packing read back unchanged.
 
 use rusqlite::Row;
-use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, Value, ValueRef};
+use rusqlite::types::{ToSql, ToSqlOutput, Type, Value, ValueRef};
 
 /// The field names packed, each as `Message::to_json` writes it (with the opening quote of a
 /// string value), in the order it writes them. Name `i` is packed as byte `i + 1`.
@@ -58,12 +58,15 @@ impl ToSql for Pack<'_> {
     }
 }
 
-/// Reads column `index` of `row` back as the text [`Pack`] stored there with `msg_id`.
+/// Reads column `index` of `row` back as the text [`Pack`] stored there with `msg_id`: a BLOB
+/// is unpacked where SQLite holds it, a TEXT is the text.
 pub(super) fn text(row: &Row<'_>, index: usize, msg_id: Option<&str>) -> rusqlite::Result<String> {
-    let stored: Stored = row.get(index)?;
-    stored.unpack(msg_id).map_err(|err| {
-        rusqlite::Error::FromSqlConversionFailure(index, rusqlite::types::Type::Blob, Box::new(err))
-    })
+    match row.get_ref(index)? {
+        ValueRef::Blob(packed) => unpack(packed, msg_id).map_err(|err| {
+            rusqlite::Error::FromSqlConversionFailure(index, Type::Blob, Box::new(err))
+        }),
+        value => Ok(value.as_str()?.to_owned()),
+    }
 }
 
 /// Like [`text`], for a column that may be NULL.
@@ -75,31 +78,6 @@ pub(super) fn optional_text(
     match row.get_ref(index)? {
         ValueRef::Null => Ok(None),
         _ => text(row, index, msg_id).map(Some),
-    }
-}
-
-/// A stored text as read: packed, or as it was given.
-enum Stored {
-    Text(String),
-    Packed(Vec<u8>),
-}
-
-impl FromSql for Stored {
-    fn column_result(value: ValueRef<'_>) -> FromSqlResult<Self> {
-        match value {
-            ValueRef::Blob(packed) => Ok(Self::Packed(packed.to_vec())),
-            ValueRef::Text(_) => String::column_result(value).map(Self::Text),
-            _ => Err(FromSqlError::InvalidType),
-        }
-    }
-}
-
-impl Stored {
-    fn unpack(self, msg_id: Option<&str>) -> Result<String, Unpack> {
-        match self {
-            Self::Text(text) => Ok(text),
-            Self::Packed(packed) => unpack(&packed, msg_id),
-        }
     }
 }
 
