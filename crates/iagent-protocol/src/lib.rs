@@ -11,6 +11,7 @@
 //! This crate knows nothing of sockets or runtimes, so the server, the client SDK and the fuzz
 //! targets share one definition of the protocol.
 
+mod fields;
 mod json;
 pub mod message;
 pub mod response;

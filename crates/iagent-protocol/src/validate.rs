@@ -11,6 +11,7 @@ use std::fmt;
 use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
+use crate::fields::{RawFrame, scan};
 use crate::message::{ChatType, ContentType, FileIds, Message, RespCode, SenderType};
 
 /// The longest `msg_id`, `sender_id`, `group_id` or `receiver_id`, in bytes.
@@ -194,10 +195,11 @@ impl Rejection {
     }
 }
 
-/// The known fields of a frame, each as raw JSON text (a `null` is kept, not folded into
-/// "absent"); unknown fields are skipped, duplicate known fields are an error.
+/// The known fields of a frame as `serde_json` reads them, for the frames [`scan`] leaves to
+/// it: raw values (a `null` is kept, not folded into "absent"); unknown fields are skipped,
+/// duplicate known fields are an error.
 #[derive(Deserialize)]
-struct RawFrame<'a> {
+struct SerdeFrame<'a> {
     #[serde(default, borrow, deserialize_with = "present")]
     chat_type: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
@@ -220,6 +222,25 @@ struct RawFrame<'a> {
     content_type: Option<&'a RawValue>,
     #[serde(default, borrow, deserialize_with = "present")]
     content: Option<&'a RawValue>,
+}
+
+impl<'a> From<SerdeFrame<'a>> for RawFrame<'a> {
+    fn from(frame: SerdeFrame<'a>) -> Self {
+        let token = |raw: Option<&'a RawValue>| raw.map(RawValue::get);
+        Self {
+            chat_type: token(frame.chat_type),
+            msg_id: token(frame.msg_id),
+            ref_msg_id: token(frame.ref_msg_id),
+            timestamp: token(frame.timestamp),
+            group_id: token(frame.group_id),
+            sender_type: token(frame.sender_type),
+            sender_id: token(frame.sender_id),
+            receiver_id: token(frame.receiver_id),
+            resp_code: token(frame.resp_code),
+            content_type: token(frame.content_type),
+            content: token(frame.content),
+        }
+    }
 }
 
 /// Keeps a present field, `null` included, as raw text.
@@ -273,7 +294,7 @@ fn read_message(raw: &RawFrame<'_>) -> Result<Message, Violation> {
 }
 
 /// The `chat_type` field: read for the message, and again for a rejection's context.
-fn chat_type_field(raw: Option<&RawValue>) -> Result<ChatType, Violation> {
+fn chat_type_field(raw: Option<&str>) -> Result<ChatType, Violation> {
     enum_field(raw, ChatType::FIELD, ChatType::ALLOWED, ChatType::from_code)
 }
 
@@ -347,8 +368,19 @@ fn starts_object(text: &str) -> bool {
         .starts_with('{')
 }
 
+/// The frame's fields: by [`scan`] when it has the common shape, else by `serde_json`, which
+/// also says what is wrong with a frame that is not a JSON object.
 #[expect(clippy::result_large_err, reason = "see parse_inbound")]
 fn read_object(frame: &str) -> Result<RawFrame<'_>, Rejection> {
+    match scan(frame) {
+        Some(fields) => Ok(fields),
+        None => read_by_serde(frame),
+    }
+}
+
+/// The frame's fields as `serde_json` reads them, or what is wrong with the frame.
+#[expect(clippy::result_large_err, reason = "see parse_inbound")]
+pub(crate) fn read_by_serde(frame: &str) -> Result<RawFrame<'_>, Rejection> {
     // A derived struct deserializer also accepts a JSON array, reading its elements as the
     // fields in declaration order: anything that does not start as an object is rejected here,
     // as "not JSON" or as "not an object" depending on whether it is valid JSON at all.
@@ -359,8 +391,8 @@ fn read_object(frame: &str) -> Result<RawFrame<'_>, Rejection> {
         };
         return Err(Rejection::unreadable(violation));
     }
-    match serde_json::from_str::<RawFrame<'_>>(frame) {
-        Ok(raw) => Ok(raw),
+    match serde_json::from_str::<SerdeFrame<'_>>(frame) {
+        Ok(fields) => Ok(fields.into()),
         Err(err) => {
             let violation = match err.classify() {
                 serde_json::error::Category::Data => data_error(&err),
@@ -371,7 +403,7 @@ fn read_object(frame: &str) -> Result<RawFrame<'_>, Rejection> {
     }
 }
 
-/// Names the duplicate field of an object: the only "data" error reading a [`RawFrame`] from
+/// Names the duplicate field of an object: the only "data" error reading a [`SerdeFrame`] from
 /// an object can give.
 fn data_error(err: &serde_json::Error) -> Violation {
     let text = err.to_string();
@@ -385,8 +417,8 @@ fn data_error(err: &serde_json::Error) -> Violation {
 }
 
 /// The JSON type of a raw value, in the words of a validation reason.
-fn json_type(raw: &RawValue) -> &'static str {
-    match raw.get().as_bytes().first() {
+fn json_type(raw: &str) -> &'static str {
+    match raw.as_bytes().first() {
         Some(b'"') => "a string",
         Some(b'{') => "an object",
         Some(b'[') => "an array",
@@ -396,22 +428,23 @@ fn json_type(raw: &RawValue) -> &'static str {
     }
 }
 
-fn required<'a>(raw: Option<&'a RawValue>, field: &'static str) -> Result<&'a RawValue, Violation> {
+fn required<'a>(raw: Option<&'a str>, field: &'static str) -> Result<&'a str, Violation> {
     match raw {
         None => Err(Violation::Missing(field)),
-        Some(raw) if raw.get() == "null" => Err(Violation::Null(field)),
+        Some("null") => Err(Violation::Null(field)),
         Some(raw) => Ok(raw),
     }
 }
 
-fn string_value(raw: &RawValue, field: &'static str) -> Result<String, Violation> {
+fn string_value(raw: &str, field: &'static str) -> Result<String, Violation> {
     match json_type(raw) {
         // A raw value is a JSON token the parser has already read in full, so one without a
         // backslash is its quotes around the string as it is: decoding it again would only
         // copy it, at twice the cost. That is nearly every id and text.
-        "a string" if !raw.get().contains('\\') => Ok(unquoted(raw.get()).to_owned()),
-        "a string" => serde_json::from_str(raw.get())
-            .map_err(|err| Violation::NotJson(format!("{field}: {err}"))),
+        "a string" if !raw.contains('\\') => Ok(unquoted(raw).to_owned()),
+        "a string" => {
+            serde_json::from_str(raw).map_err(|err| Violation::NotJson(format!("{field}: {err}")))
+        }
         got => Err(Violation::WrongType {
             field,
             expected: "a string",
@@ -428,18 +461,15 @@ fn unquoted(token: &str) -> &str {
         .unwrap_or(token)
 }
 
-fn string_field(raw: Option<&RawValue>, field: &'static str) -> Result<String, Violation> {
+fn string_field(raw: Option<&str>, field: &'static str) -> Result<String, Violation> {
     string_value(required(raw, field)?, field)
 }
 
 /// An optional string: absent and `null` both mean "not given".
-fn optional_string(
-    raw: Option<&RawValue>,
-    field: &'static str,
-) -> Result<Option<String>, Violation> {
+fn optional_string(raw: Option<&str>, field: &'static str) -> Result<Option<String>, Violation> {
     match raw {
         None => Ok(None),
-        Some(raw) if raw.get() == "null" => Ok(None),
+        Some("null") => Ok(None),
         Some(raw) => string_value(raw, field).map(Some),
     }
 }
@@ -456,7 +486,7 @@ fn check_id_length(id: &str, field: &'static str) -> Result<(), Violation> {
 }
 
 /// A required, non-empty id of at most [`MAX_ID_BYTES`].
-fn id_field(raw: Option<&RawValue>, field: &'static str) -> Result<String, Violation> {
+fn id_field(raw: Option<&str>, field: &'static str) -> Result<String, Violation> {
     let id = string_field(raw, field)?;
     if id.is_empty() {
         return Err(Violation::Empty(field));
@@ -465,9 +495,9 @@ fn id_field(raw: Option<&RawValue>, field: &'static str) -> Result<String, Viola
     Ok(id)
 }
 
-fn integer(raw: &RawValue, field: &'static str) -> Result<Result<i64, String>, Violation> {
+fn integer(raw: &str, field: &'static str) -> Result<Result<i64, String>, Violation> {
     match json_type(raw) {
-        "a number" => Ok(raw.get().parse::<i64>().map_err(|_| raw.get().to_owned())),
+        "a number" => Ok(raw.parse::<i64>().map_err(|_| raw.to_owned())),
         got => Err(Violation::WrongType {
             field,
             expected: "a number",
@@ -477,7 +507,7 @@ fn integer(raw: &RawValue, field: &'static str) -> Result<Result<i64, String>, V
 }
 
 fn enum_field<T>(
-    raw: Option<&RawValue>,
+    raw: Option<&str>,
     field: &'static str,
     allowed: &'static str,
     from_code: impl Fn(i64) -> Option<T>,
@@ -489,14 +519,14 @@ fn enum_field<T>(
         .ok_or_else(|| Violation::NotAllowed {
             field,
             allowed,
-            got: raw.get().to_owned(),
+            got: raw.to_owned(),
         })
 }
 
-fn timestamp_field(raw: Option<&RawValue>) -> Result<i64, Violation> {
+fn timestamp_field(raw: Option<&str>) -> Result<i64, Violation> {
     let raw = required(raw, "timestamp")?;
     match integer(raw, "timestamp")? {
         Ok(ms) if ms >= 0 => Ok(ms),
-        _ => Err(Violation::BadTimestamp(raw.get().to_owned())),
+        _ => Err(Violation::BadTimestamp(raw.to_owned())),
     }
 }
