@@ -28,7 +28,7 @@ pub use history::{DEFAULT_HISTORY_MERGE_ROWS, HISTORY_MERGE_SLICE_ROWS};
 use self::committer::Committer;
 use self::dedup::Record;
 use self::packed::Pack;
-use self::writer::{Database, Shared, write_loop};
+use self::writer::{Batch, Database, Shared, write_loop};
 use crate::token::{self, Token};
 use crate::{
     AgentRecord, App, BoxFuture, Claim, Completion, DeferredMessage, ECHO_AGENT_ID, FileMeta,
@@ -179,7 +179,7 @@ impl SqliteStore {
     fn run<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
     where
         T: Send + 'static,
-        F: FnMut(&mut Database) -> Result<T> + Send + 'static,
+        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
     {
         Box::pin(self.committer.run(work))
     }
@@ -399,7 +399,7 @@ fn issue_token(conn: &Connection, app: &str, now_ms: i64) -> Result<Token> {
 /// record), unless `message_keys` has its key; the caller has looked in the tail. Returns
 /// [`Claim::New`] when written, else what became of the message.
 fn insert_row(
-    database: &mut Database,
+    database: &mut Batch<'_>,
     app: &str,
     msg_id: &str,
     received_ms: i64,
@@ -664,12 +664,13 @@ impl Store for SqliteStore {
             if let [entry] = completion.history.as_slice()
                 && entry.reply.as_ref() == Some(&completion.response)
             {
-                let Database {
+                let Batch {
                     conn,
                     history,
                     dedup,
+                    appends,
                 } = database;
-                return match history.append_record(conn, app, msg_id, entry)? {
+                return match history.append_record(appends, app, msg_id, entry)? {
                     Some(id) => {
                         dedup.inserted_entry(app, msg_id, id);
                         Ok(Claim::New)
@@ -699,7 +700,7 @@ impl Store for SqliteStore {
             if let Some(Record::Row(id)) =
                 database
                     .dedup
-                    .find(&database.conn, &completion.app, &completion.msg_id)?
+                    .find(database.conn, &completion.app, &completion.msg_id)?
             {
                 database
                     .prepare_cached(
@@ -728,7 +729,7 @@ impl Store for SqliteStore {
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             database
                 .history
-                .read(&database.conn, &app, &conversation, limit)
+                .read(database.conn, &app, &conversation, limit)
         })
     }
 
@@ -741,7 +742,7 @@ impl Store for SqliteStore {
     ) -> BoxFuture<'_, Result<()>> {
         let (app, msg_id, agent) = (app.to_owned(), msg_id.to_owned(), agent.to_owned());
         self.run(move |database| {
-            if let Some(Record::Row(id)) = database.dedup.find(&database.conn, &app, &msg_id)? {
+            if let Some(Record::Row(id)) = database.dedup.find(database.conn, &app, &msg_id)? {
                 database
                     .prepare_cached(
                         "UPDATE messages SET deferred_until = ?2, deferred_agent = ?3 WHERE id = ?1",
@@ -866,7 +867,12 @@ impl Store for SqliteStore {
             let (mut purged, expired_files) = self
                 .committer
                 .run_on_writer(move |database| {
-                    let Database { conn, history, dedup } = database;
+                    let Batch {
+                        conn,
+                        history,
+                        dedup,
+                        ..
+                    } = database;
                     let dedup_purged = dedup.purge(conn, before.dedup)?;
                     let keep_from = history.purge_from(conn, before.history)?;
                     let reload_keys = dedup.keep_records_before(conn, keep_from)?;

@@ -33,7 +33,7 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use super::MAX_BATCH;
 use super::lock_wait::NoWait;
-use super::writer::{self, Database, Job, Shared, Work};
+use super::writer::{self, Batch, Job, Shared, Work};
 use crate::{Result, StoreError};
 
 /// Where jobs are queued and who commits them.
@@ -82,7 +82,7 @@ impl Committer {
     pub(super) async fn run<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnMut(&mut Database) -> Result<T> + Send + 'static,
+        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
     {
         let (job, answer) = writer::job(work, self.admit().await?);
         let commits = {
@@ -105,7 +105,7 @@ impl Committer {
     pub(super) async fn run_on_writer<T, F>(&self, work: F) -> Result<T>
     where
         T: Send + 'static,
-        F: FnMut(&mut Database) -> Result<T> + Send + 'static,
+        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
     {
         let (job, answer) = writer::job(work, self.admit().await?);
         self.hand_over(vec![job]);

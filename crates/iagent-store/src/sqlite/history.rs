@@ -29,7 +29,7 @@
 
 use std::sync::Arc;
 
-use rusqlite::{Connection, OptionalExtension, ToSql, params};
+use rusqlite::{CachedStatement, Connection, OptionalExtension, ToSql, params};
 
 use super::KeyMap;
 use super::bulk;
@@ -131,6 +131,55 @@ fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Optio
         .prepare_cached("SELECT head FROM history_heads WHERE app = ?1 AND conversation = ?2")?
         .query_row(params![app, conversation], |row| row.get(0))
         .optional()?)
+}
+
+/// The statements that append entries, each prepared once for a batch, which appends an entry
+/// per message: taken from rusqlite's statement cache for each entry instead, a statement's
+/// SQL text was hashed and copied on its way out and hashed again on its way back, 1 400
+/// instructions a message (`bench/instructions`).
+pub(super) struct Appends<'conn> {
+    conn: &'conn Connection,
+    /// The insert of an entry that is no dedup record.
+    plain: Option<CachedStatement<'conn>>,
+    /// The insert of an entry that is its message's dedup record, unless its key is merged.
+    keyed: Option<CachedStatement<'conn>>,
+}
+
+impl<'conn> Appends<'conn> {
+    /// Statements on `conn`, prepared when first used.
+    pub(super) fn new(conn: &'conn Connection) -> Self {
+        Self {
+            conn,
+            plain: None,
+            keyed: None,
+        }
+    }
+
+    /// The insert of an entry, `keyed` if it carries its message's `msg_id` as a record.
+    fn statement(&mut self, keyed: bool) -> Result<&mut CachedStatement<'conn>> {
+        let (slot, sql) = if keyed {
+            (
+                &mut self.keyed,
+                concat!(
+                    "INSERT OR IGNORE INTO history
+                         (id, app, msg_id, conversation, at_ms, message, reply, prev)
+                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE ",
+                    super::dedup::not_merged!()
+                ),
+            )
+        } else {
+            (
+                &mut self.plain,
+                "INSERT INTO history (id, app, msg_id, conversation, at_ms, message, reply, prev)
+                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
+            )
+        };
+        let statement = match slot.take() {
+            Some(statement) => statement,
+            None => self.conn.prepare_cached(sql)?,
+        };
+        Ok(slot.insert(statement))
+    }
 }
 
 /// The heads in memory, by app, then by conversation. Hashed, not ordered: each message looks
@@ -266,12 +315,12 @@ impl HistoryHeads {
     /// Appends entries to the history of the app's conversations.
     pub(super) fn append(
         &mut self,
-        conn: &Connection,
+        appends: &mut Appends<'_>,
         app: &str,
         entries: &[HistoryEntry],
     ) -> Result<()> {
         for entry in entries {
-            self.insert(conn, app, entry, None)?;
+            self.insert(appends, app, entry, None)?;
         }
         Ok(())
     }
@@ -281,41 +330,31 @@ impl HistoryHeads {
     /// when it had (and nothing was written).
     pub(super) fn append_record(
         &mut self,
-        conn: &Connection,
+        appends: &mut Appends<'_>,
         app: &str,
         msg_id: &str,
         entry: &HistoryEntry,
     ) -> Result<Option<i64>> {
         let id = self.next_id;
-        Ok(self.insert(conn, app, entry, Some(msg_id))?.then_some(id))
+        Ok(self
+            .insert(appends, app, entry, Some(msg_id))?
+            .then_some(id))
     }
 
     /// Inserts an entry; says whether it was written (a record's is not when its key is
     /// merged already). The tail moves only once the row is in.
     fn insert(
         &mut self,
-        conn: &Connection,
+        appends: &mut Appends<'_>,
         app: &str,
         entry: &HistoryEntry,
         msg_id: Option<&str>,
     ) -> Result<bool> {
         let prev = match self.tail_head(app, &entry.conversation) {
             Some(prev) => Some(prev),
-            None => merged_head(conn, app, &entry.conversation)?,
+            None => merged_head(appends.conn, app, &entry.conversation)?,
         };
-        let sql = match msg_id {
-            None => {
-                "INSERT INTO history (id, app, msg_id, conversation, at_ms, message, reply, prev)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)"
-            }
-            Some(_) => concat!(
-                "INSERT OR IGNORE INTO history
-                     (id, app, msg_id, conversation, at_ms, message, reply, prev)
-                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE ",
-                super::dedup::not_merged!()
-            ),
-        };
-        let inserted = conn.prepare_cached(sql)?.execute(params![
+        let inserted = appends.statement(msg_id.is_some())?.execute(params![
             self.next_id,
             app,
             msg_id,

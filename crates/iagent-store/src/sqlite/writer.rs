@@ -19,7 +19,7 @@ use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::MAX_BATCH;
 use super::dedup::DedupKeys;
-use super::history::HistoryHeads;
+use super::history::{Appends, HistoryHeads};
 use crate::{HistoryEntry, Result, StoreError};
 
 /// What the writer thread owns: the connection, and the state derived from the database that
@@ -31,20 +31,19 @@ pub(super) struct Database {
 }
 
 impl Database {
-    pub(super) fn append_history(&mut self, app: &str, entries: &[HistoryEntry]) -> Result<()> {
-        self.history.append(&self.conn, app, entries)
-    }
-
-    /// Rows appended to each tail since it was last read back or merged: a job that changed
-    /// them and was rolled back took rows the tails still name.
-    fn appended(&self) -> [usize; 2] {
-        [self.history.rows(), self.dedup.rows()]
+    /// The database as a batch's jobs see it.
+    fn batch(&mut self) -> Batch<'_> {
+        Batch {
+            conn: &self.conn,
+            history: &mut self.history,
+            dedup: &mut self.dedup,
+            appends: Appends::new(&self.conn),
+        }
     }
 
     /// Reads the tails back after a rollback, so that they say again what the database holds.
     fn reload_tails(&mut self) -> Result<()> {
-        self.history.reload(&self.conn)?;
-        self.dedup.reload(&self.conn)
+        self.batch().reload_tails()
     }
 
     /// Whether a tail has a merge, or the next slice of one, to write.
@@ -85,7 +84,7 @@ enum Tail {
     DedupKeys,
 }
 
-/// Jobs that only run statements use the database as the connection it is.
+/// The transaction statements and merges use the database as the connection it is.
 impl Deref for Database {
     type Target = Connection;
 
@@ -94,11 +93,47 @@ impl Deref for Database {
     }
 }
 
+/// What a batch's jobs run on: the database, with the statements that each job of a batch runs
+/// prepared once for the batch.
+pub(super) struct Batch<'a> {
+    pub(super) conn: &'a Connection,
+    pub(super) history: &'a mut HistoryHeads,
+    pub(super) dedup: &'a mut DedupKeys,
+    pub(super) appends: Appends<'a>,
+}
+
+impl Batch<'_> {
+    pub(super) fn append_history(&mut self, app: &str, entries: &[HistoryEntry]) -> Result<()> {
+        self.history.append(&mut self.appends, app, entries)
+    }
+
+    /// Rows appended to each tail since it was last read back or merged: a job that changed
+    /// them and was rolled back took rows the tails still name.
+    fn appended(&self) -> [usize; 2] {
+        [self.history.rows(), self.dedup.rows()]
+    }
+
+    /// Reads the tails back after a rollback, so that they say again what the database holds.
+    fn reload_tails(&mut self) -> Result<()> {
+        self.history.reload(self.conn)?;
+        self.dedup.reload(self.conn)
+    }
+}
+
+/// Jobs that only run statements use the batch as the connection it is.
+impl Deref for Batch<'_> {
+    type Target = Connection;
+
+    fn deref(&self) -> &Connection {
+        self.conn
+    }
+}
+
 /// A unit of work queued for the writer.
 pub(super) trait Job: Send {
     /// Runs the work in the open transaction, bare or in a savepoint of its own; says whether
     /// it succeeded. A later attempt replaces the outcome of an earlier one.
-    fn attempt(&mut self, database: &mut Database, isolated: bool) -> bool;
+    fn attempt(&mut self, batch: &mut Batch<'_>, isolated: bool) -> bool;
 
     /// Hands the outcome, or the batch's failure, to the caller.
     fn settle(self: Box<Self>, batch: Result<(), &StoreError>);
@@ -121,7 +156,7 @@ pub(super) fn job<T, F>(
 ) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>)
 where
     T: Send + 'static,
-    F: FnMut(&mut Database) -> Result<T> + Send + 'static,
+    F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
 {
     let (reply, answer) = oneshot::channel();
     let pending = Pending {
@@ -136,14 +171,14 @@ where
 impl<T, F> Job for Pending<T, F>
 where
     T: Send,
-    F: FnMut(&mut Database) -> Result<T> + Send,
+    F: FnMut(&mut Batch<'_>) -> Result<T> + Send,
 {
-    fn attempt(&mut self, database: &mut Database, isolated: bool) -> bool {
+    fn attempt(&mut self, batch: &mut Batch<'_>, isolated: bool) -> bool {
         // Bare, a failure rolls the whole batch back, and the history heads' tail is read back.
         let outcome = if isolated {
-            in_savepoint(database, &mut self.work)
+            in_savepoint(batch, &mut self.work)
         } else {
-            (self.work)(database)
+            (self.work)(batch)
         };
         let succeeded = outcome.is_ok();
         self.outcome = Some(outcome);
@@ -164,21 +199,21 @@ where
 
 /// Runs `work` so that a failure undoes only its own statements, not the batch's.
 fn in_savepoint<T>(
-    database: &mut Database,
-    work: impl FnOnce(&mut Database) -> Result<T>,
+    batch: &mut Batch<'_>,
+    work: impl FnOnce(&mut Batch<'_>) -> Result<T>,
 ) -> Result<T> {
     // Cached statements: `execute_batch` would parse the SQL again for every job.
-    database.prepare_cached("SAVEPOINT job")?.execute([])?;
-    let appended = database.appended();
-    let outcome = work(database);
+    batch.prepare_cached("SAVEPOINT job")?.execute([])?;
+    let appended = batch.appended();
+    let outcome = work(batch);
     if outcome.is_err() {
-        database.prepare_cached("ROLLBACK TO job")?.execute([])?;
+        batch.prepare_cached("ROLLBACK TO job")?.execute([])?;
         // The job's rows are gone, and so must the tails' entries for them be.
-        if database.appended() != appended {
-            database.reload_tails()?;
+        if batch.appended() != appended {
+            batch.reload_tails()?;
         }
     }
-    database.prepare_cached("RELEASE job")?.execute([])?;
+    batch.prepare_cached("RELEASE job")?.execute([])?;
     outcome
 }
 
@@ -307,16 +342,17 @@ fn settle(jobs: &mut Vec<Box<dyn Job>>, batch: Result<(), &StoreError>) {
 /// Runs a batch in the open transaction: bare first, and again with a savepoint per job if a
 /// job failed (see the module's documentation); then commits.
 fn run_batch(database: &mut Database, jobs: &mut [Box<dyn Job>]) -> Result<()> {
-    let clean = jobs.iter_mut().all(|job| job.attempt(database, false));
+    let mut batch = database.batch();
+    let clean = jobs.iter_mut().all(|job| job.attempt(&mut batch, false));
     if !clean {
-        transaction(database, "ROLLBACK")?;
-        database.reload_tails()?;
-        transaction(database, "BEGIN IMMEDIATE")?;
+        transaction(batch.conn, "ROLLBACK")?;
+        batch.reload_tails()?;
+        transaction(batch.conn, "BEGIN IMMEDIATE")?;
         for job in jobs.iter_mut() {
-            job.attempt(database, true);
+            job.attempt(&mut batch, true);
         }
     }
-    transaction(database, "COMMIT")
+    transaction(batch.conn, "COMMIT")
 }
 
 /// Undoes the open transaction, if any: none of a failed batch may stand, and the tails must
@@ -373,7 +409,7 @@ fn merge_slices(database: &mut Database) {
 /// Runs a transaction statement (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`) from the statement
 /// cache: every batch runs two, and parsing them each time was a few percent of the writer's
 /// time when batches are small.
-fn transaction(database: &Database, statement: &str) -> Result<()> {
-    database.prepare_cached(statement)?.execute([])?;
+fn transaction(conn: &Connection, statement: &str) -> Result<()> {
+    conn.prepare_cached(statement)?.execute([])?;
     Ok(())
 }
