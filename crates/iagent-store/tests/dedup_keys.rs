@@ -232,6 +232,80 @@ async fn a_batch_run_again_after_a_failing_job_leaves_no_key_of_its_first_run() 
     assert_answered(&store, &["shop"], &msg_ids).await;
 }
 
+/// Echoes recorded together, hundreds to a batch: each new one is recorded, a resend of one
+/// whose key is merged gets its record, and a `msg_id` twice in one batch is recorded once.
+#[tokio::test]
+async fn echoes_recorded_together_each_get_their_own_claim() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(open(dir.path(), 1));
+    let old: Vec<String> = (0..40).map(|n| format!("old-{n}")).collect();
+    for msg_id in &old {
+        let claim = store.record(echoed("shop", msg_id), NOW).await.unwrap();
+        assert_eq!(claim, Claim::New);
+    }
+    // Merged after each batch, by the writer thread.
+    for _ in 0..500 {
+        if keys_table(&store).0 >= 40 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert!(keys_table(&store).0 >= 40, "the old keys are merged");
+
+    for rounds in [false, true] {
+        // The second time with resends of merged keys among the new ones.
+        let mut tasks = tokio::task::JoinSet::new();
+        let mut spawn = |msg_id: String| {
+            let store = store.clone();
+            tasks.spawn(async move {
+                let claim = store.record(echoed("shop", &msg_id), NOW).await.unwrap();
+                (msg_id, claim)
+            });
+        };
+        for n in 0..300 {
+            spawn(format!("new-{rounds}-{n}"));
+            if rounds && n % 10 == 0 {
+                spawn(old[n / 10].clone());
+            }
+        }
+        let twice = format!("twice-{rounds}");
+        spawn(twice.clone());
+        spawn(twice.clone());
+        let mut claims = Vec::new();
+        while let Some(joined) = tasks.join_next().await {
+            claims.push(joined.unwrap());
+        }
+        let mut twice_claims = Vec::new();
+        for (msg_id, claim) in claims {
+            if msg_id == twice {
+                twice_claims.push(claim);
+            } else if msg_id.starts_with("old-") {
+                let expected = Claim::Answered(format!("shop: response to {msg_id}"));
+                assert_eq!(claim, expected, "{msg_id}");
+            } else {
+                assert_eq!(claim, Claim::New, "{msg_id}");
+            }
+        }
+        twice_claims.sort_by_key(|claim| claim != &Claim::New);
+        assert_eq!(
+            twice_claims,
+            [
+                Claim::New,
+                Claim::Answered(format!("shop: response to {twice}"))
+            ]
+        );
+        let new: Vec<String> = (0..300).map(|n| format!("new-{rounds}-{n}")).collect();
+        assert_answered(&store, &["shop"], &new).await;
+    }
+    assert_answered(&store, &["shop"], &old).await;
+    // Every echo's entry once: 40 old, 2 x 300 new, and each `twice` once.
+    let conn = rusqlite::Connection::open(store.path()).unwrap();
+    let entries: i64 = conn
+        .query_row("SELECT COUNT(*) FROM history", [], |row| row.get(0))
+        .unwrap();
+    assert_eq!(entries, 40 + 600 + 2);
+}
+
 /// Whether the database has an index on `messages`.
 fn messages_indexes(store: &SqliteStore) -> Vec<String> {
     let conn = rusqlite::Connection::open(store.path()).unwrap();
