@@ -252,7 +252,7 @@ async fn echoes_recorded_together_each_get_their_own_claim() {
     }
     assert!(keys_table(&store).0 >= 40, "the old keys are merged");
 
-    for rounds in [false, true] {
+    for with_resends in [false, true] {
         // The second time with resends of merged keys among the new ones.
         let mut tasks = tokio::task::JoinSet::new();
         let mut spawn = |msg_id: String| {
@@ -263,12 +263,12 @@ async fn echoes_recorded_together_each_get_their_own_claim() {
             });
         };
         for n in 0..300 {
-            spawn(format!("new-{rounds}-{n}"));
-            if rounds && n % 10 == 0 {
+            spawn(format!("new-{with_resends}-{n}"));
+            if with_resends && n % 10 == 0 {
                 spawn(old[n / 10].clone());
             }
         }
-        let twice = format!("twice-{rounds}");
+        let twice = format!("twice-{with_resends}");
         spawn(twice.clone());
         spawn(twice.clone());
         let mut claims = Vec::new();
@@ -294,7 +294,7 @@ async fn echoes_recorded_together_each_get_their_own_claim() {
                 Claim::Answered(format!("shop: response to {twice}"))
             ]
         );
-        let new: Vec<String> = (0..300).map(|n| format!("new-{rounds}-{n}")).collect();
+        let new: Vec<String> = (0..300).map(|n| format!("new-{with_resends}-{n}")).collect();
         assert_answered(&store, &["shop"], &new).await;
     }
     assert_answered(&store, &["shop"], &old).await;
