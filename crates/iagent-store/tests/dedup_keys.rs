@@ -294,7 +294,9 @@ async fn echoes_recorded_together_each_get_their_own_claim() {
                 Claim::Answered(format!("shop: response to {twice}"))
             ]
         );
-        let new: Vec<String> = (0..300).map(|n| format!("new-{with_resends}-{n}")).collect();
+        let new: Vec<String> = (0..300)
+            .map(|n| format!("new-{with_resends}-{n}"))
+            .collect();
         assert_answered(&store, &["shop"], &new).await;
     }
     assert_answered(&store, &["shop"], &old).await;
