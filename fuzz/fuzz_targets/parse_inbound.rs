@@ -2,6 +2,8 @@
 //! limits and with a tiny text limit, and checks what must hold of its answer:
 //!
 //! - it never panics;
+//! - its one-pass reader of a frame's fields reads what serde_json reads, or leaves the frame
+//!   to it;
 //! - an accepted message obeys the rules, and its `to_json()` is accepted again as an equal
 //!   message (what the gateway stores or forwards reads back the same);
 //! - a rejection's 40 response serializes, reads back as the same message, and refers only to
@@ -12,7 +14,7 @@
 
 #![no_main]
 
-use iagent_protocol::validate::parse_file_ids;
+use iagent_protocol::validate::{one_pass_agrees, parse_file_ids};
 use iagent_protocol::{
     ChatType, ContentType, Limits, MAX_ID_BYTES, Message, RespCode, ResponseMeta, parse_inbound,
 };
@@ -22,6 +24,10 @@ fuzz_target!(|data: &[u8]| {
     let Ok(frame) = std::str::from_utf8(data) else {
         return;
     };
+    assert!(
+        one_pass_agrees(frame),
+        "the one-pass reader and serde_json disagree on {frame:?}"
+    );
     let default = check(frame, &Limits::default());
     let tiny = check(frame, &Limits { max_text_bytes: 8 });
     // A smaller limit can only turn an accepted message into a rejected one, never change it.

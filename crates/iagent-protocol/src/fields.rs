@@ -272,64 +272,29 @@ mod tests {
         }
     }
 
-    /// Pieces of frames, right and wrong, that generated frames are made of.
-    const PIECES: &[&str] = &[
-        "{",
-        "}",
-        "[",
-        "]",
-        ",",
-        ":",
-        " ",
-        "\n",
-        "\"",
-        "\\",
-        "\\\"",
-        "\\u0041",
-        "\u{1}",
-        "é",
-        "\"chat_type\"",
-        "\"msg_id\"",
-        "\"content\"",
-        "\"timestamp\"",
-        "\"group_id\"",
-        "\"x\"",
-        "\"\"",
-        "\"m-1\"",
-        "0",
-        "-0",
-        "12",
-        "-7",
-        "01",
-        "1.5",
-        "1e3",
-        "-",
-        "null",
-        "nul",
-        "true",
-        "false",
-        "tru",
-    ];
+    /// Pieces of frames, right and wrong, put into frames of the common shape: each character
+    /// that matters to JSON's grammar, and tokens that are nearly right.
+    fn piece() -> impl Strategy<Value = String> {
+        let characters: Vec<String> = "{}[],: \n\t\"\\\u{1}é0-"
+            .chars()
+            .map(String::from)
+            .collect();
+        let tokens = [
+            "\\\"", "\\u0041", "\"x\"", "01", "1.5", "1e3", "nul", "tru", "nullx",
+        ];
+        select(
+            characters
+                .into_iter()
+                .chain(tokens.map(String::from))
+                .collect::<Vec<_>>(),
+        )
+    }
 
     /// A frame of the common shape, as a list of members (name, value) and its spacing.
     fn member() -> impl Strategy<Value = String> {
-        let name = select(
-            &[
-                "chat_type",
-                "msg_id",
-                "ref_msg_id",
-                "timestamp",
-                "group_id",
-                "sender_type",
-                "sender_id",
-                "receiver_id",
-                "resp_code",
-                "content_type",
-                "content",
-                "x",
-                "",
-            ][..],
-        );
+        // Known names of each kind of value, an unknown one and the empty one: a known one
+        // given twice is what the reader must decline.
+        let name = select(&["msg_id", "timestamp", "content", "group_id", "x", ""][..]);
         let value = select(
             &[
                 "1",
@@ -364,18 +329,11 @@ mod tests {
             prop_assert_eq!(scan(&frame).is_some(), !repeats, "{:?}", frame);
         }
 
-        /// Frames pieced together at random, mostly malformed: whatever [`scan`] accepts,
-        /// `serde_json` reads the same.
-        #[test]
-        fn pieced_frames_are_never_read_otherwise(pieces in vec(select(PIECES), 0..24)) {
-            assert_agrees(&pieces.concat());
-        }
-
         /// A common frame with one piece put in at any place.
         #[test]
         fn a_common_frame_with_a_piece_in_it_is_never_read_otherwise(
             members in vec(member(), 1..8),
-            piece in select(PIECES),
+            piece in piece(),
             at in any::<prop::sample::Index>(),
         ) {
             let mut frame = format!("{{{}}}", members.join(","));
@@ -383,7 +341,7 @@ mod tests {
             while !frame.is_char_boundary(place) {
                 place -= 1;
             }
-            frame.insert_str(place, piece);
+            frame.insert_str(place, &piece);
             assert_agrees(&frame);
         }
     }

@@ -368,6 +368,14 @@ fn starts_object(text: &str) -> bool {
         .starts_with('{')
 }
 
+/// Whether the one-pass reader of a frame's fields ([`scan`]) agrees with serde_json on
+/// `frame`: it declines the frame, or serde_json reads the same fields from it. For the
+/// protocol's tests and fuzz target, which check it on every frame they make.
+#[doc(hidden)]
+pub fn one_pass_agrees(frame: &str) -> bool {
+    scan(frame).is_none_or(|fields| read_by_serde(frame).is_ok_and(|by_serde| by_serde == fields))
+}
+
 /// The frame's fields: by [`scan`] when it has the common shape, else by `serde_json`, which
 /// also says what is wrong with a frame that is not a JSON object.
 #[expect(clippy::result_large_err, reason = "see parse_inbound")]

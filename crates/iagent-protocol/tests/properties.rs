@@ -7,6 +7,7 @@
 //! valid or not, exactly as serde_json does.
 #![allow(clippy::unwrap_used)]
 
+use iagent_protocol::validate::one_pass_agrees;
 use iagent_protocol::{
     ChatType, ContentType, Limits, MAX_ID_BYTES, Message, Rejection, RespCode, SenderType,
     Violation, parse_inbound,
@@ -659,6 +660,7 @@ proptest! {
     fn json_ish_fragments_never_panic(text in json_ish()) {
         let got = parse_inbound(&text, &Limits::default());
         check_outcome(&got)?;
+        prop_assert!(one_pass_agrees(&text), "{:?}", text);
     }
 
     #[test]
@@ -689,6 +691,7 @@ proptest! {
             value.to_string()
         };
         check_against_oracle(&obj, &text, limits)?;
+        prop_assert!(one_pass_agrees(&text), "{:?}", text);
     }
 
     #[test]
