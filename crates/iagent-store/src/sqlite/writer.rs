@@ -103,6 +103,8 @@ pub(super) struct Batch<'a> {
 }
 
 impl Batch<'_> {
+    /// Appends entries to the history of the app's conversations, through the batch's
+    /// statements.
     pub(super) fn append_history(&mut self, app: &str, entries: &[HistoryEntry]) -> Result<()> {
         self.history.append(&mut self.appends, app, entries)
     }
