@@ -66,15 +66,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })
 }
 
-/// The `n`th message of `caller`, answered, as the echo agent's completion would be.
+/// The `n`th message of `caller`, answered, as the echo agent's completion would be: the texts
+/// as the gateway writes them (`Message::to_json`), which is the shape the store packs.
 fn completion(caller: u64, n: u64) -> Completion {
     let msg_id = format!("m-{caller}-{n}");
     let user = (caller * 7919 + n) % CONVERSATIONS;
     let message = format!(
-        r#"{{"msg_id":"{msg_id}","sender_id":"user-{user}","receiver_id":"echo","chat_type":"private","content":{{"type":"text","text":"hello, agent; message {n}"}}}}"#
+        r#"{{"chat_type":1,"msg_id":"{msg_id}","timestamp":1796233539832,"sender_type":1,"sender_id":"user-{user}","resp_code":0,"content_type":1,"content":"hello, agent; message {n}"}}"#
     );
     let response = format!(
-        r#"{{"msg_id":"r-{caller}-{n}","ref_msg_id":"{msg_id}","resp_code":0,"sender_id":"echo","receiver_id":"user-{user}","chat_type":"private","content":{{"type":"text","text":"hello, agent; message {n}"}}}}"#
+        r#"{{"chat_type":1,"msg_id":"r-{caller}-{n}","ref_msg_id":"{msg_id}","timestamp":1796233539840,"sender_type":2,"sender_id":"echo","receiver_id":"user-{user}","resp_code":0,"content_type":1,"content":"hello, agent; message {n}"}}"#
     );
     Completion {
         app: "bench".into(),
