@@ -137,13 +137,16 @@ fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Optio
 /// per message. Taken from rusqlite's statement cache for each entry instead, a statement's SQL
 /// text was trimmed, hashed and copied on its way out, and its bindings cleared and the text
 /// hashed again on its way back: an entry's insert took 15 400 instructions, 12 800 now
-/// (`bench/instructions`).
+/// (`bench/instructions`). The texts are packed into buffers held for the batch too.
 pub(super) struct Appends<'conn> {
     conn: &'conn Connection,
     /// The insert of an entry that is no dedup record.
     plain: Option<CachedStatement<'conn>>,
     /// The insert of an entry that is its message's dedup record, unless its key is merged.
     keyed: Option<CachedStatement<'conn>>,
+    /// The stored forms of the entry's message and reply.
+    message: Vec<u8>,
+    reply: Vec<u8>,
 }
 
 impl<'conn> Appends<'conn> {
@@ -153,12 +156,22 @@ impl<'conn> Appends<'conn> {
             conn,
             plain: None,
             keyed: None,
+            message: Vec::new(),
+            reply: Vec::new(),
         }
     }
 
-    /// The insert of an entry, `keyed` if it carries its message's `msg_id` as a record.
-    fn statement(&mut self, keyed: bool) -> Result<&mut CachedStatement<'conn>> {
-        let (slot, sql) = if keyed {
+    /// Inserts `entry` as row `id`, the dedup record of `msg_id` if one is given; returns
+    /// whether it was written (a record's is not when its key is merged already).
+    fn insert(
+        &mut self,
+        id: i64,
+        app: &str,
+        msg_id: Option<&str>,
+        entry: &HistoryEntry,
+        prev: Option<i64>,
+    ) -> Result<bool> {
+        let (slot, sql) = if msg_id.is_some() {
             (
                 &mut self.keyed,
                 concat!(
@@ -175,11 +188,28 @@ impl<'conn> Appends<'conn> {
                  VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
             )
         };
-        let statement = match slot.take() {
+        let statement = match slot {
             Some(statement) => statement,
-            None => self.conn.prepare_cached(sql)?,
+            None => slot.insert(self.conn.prepare_cached(sql)?),
         };
-        Ok(slot.insert(statement))
+        let message = Pack {
+            text: &entry.message,
+            msg_id,
+        }
+        .stored(&mut self.message);
+        let reply =
+            (entry.reply.as_deref()).map(|text| Pack { text, msg_id }.stored(&mut self.reply));
+        let inserted = statement.execute(params![
+            id,
+            app,
+            msg_id,
+            entry.conversation,
+            entry.at_ms,
+            message,
+            reply,
+            prev
+        ])?;
+        Ok(inserted > 0)
     }
 }
 
@@ -355,20 +385,7 @@ impl HistoryHeads {
             Some(prev) => Some(prev),
             None => merged_head(appends.conn, app, &entry.conversation)?,
         };
-        let inserted = appends.statement(msg_id.is_some())?.execute(params![
-            self.next_id,
-            app,
-            msg_id,
-            entry.conversation,
-            entry.at_ms,
-            Pack {
-                text: &entry.message,
-                msg_id
-            },
-            entry.reply.as_deref().map(|text| Pack { text, msg_id }),
-            prev
-        ])?;
-        if inserted == 0 {
+        if !appends.insert(self.next_id, app, msg_id, entry, prev)? {
             return Ok(false);
         }
         self.moved(app, &entry.conversation, self.next_id);

@@ -49,11 +49,29 @@ pub(super) struct Pack<'a> {
     pub(super) msg_id: Option<&'a str>,
 }
 
+impl<'a> Pack<'a> {
+    /// The stored form, packed into `buffer` (whatever it held before is dropped) when the
+    /// text can be packed. A statement that binds a text per message packs each into the same
+    /// buffer, where [`ToSql`] allocates a new one each time.
+    pub(super) fn stored<'b>(&self, buffer: &'b mut Vec<u8>) -> ToSqlOutput<'b>
+    where
+        'a: 'b,
+    {
+        ToSqlOutput::Borrowed(if pack(self.text, self.msg_id, buffer) {
+            ValueRef::Blob(buffer)
+        } else {
+            ValueRef::Text(self.text.as_bytes())
+        })
+    }
+}
+
 impl ToSql for Pack<'_> {
     fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
-        Ok(match pack(self.text, self.msg_id) {
-            Some(packed) => ToSqlOutput::Owned(Value::Blob(packed)),
-            None => ToSqlOutput::Borrowed(ValueRef::Text(self.text.as_bytes())),
+        let mut packed = Vec::new();
+        Ok(if pack(self.text, self.msg_id, &mut packed) {
+            ToSqlOutput::Owned(Value::Blob(packed))
+        } else {
+            ToSqlOutput::Borrowed(ValueRef::Text(self.text.as_bytes()))
         })
     }
 }
@@ -93,28 +111,32 @@ pub(super) enum Unpack {
     NotUtf8,
 }
 
-/// `text` packed, or `None` if it holds a control character or nothing to pack (and is
-/// stored as it is).
-fn pack(text: &str, msg_id: Option<&str>) -> Option<Vec<u8>> {
+/// Packs `text` into `packed`; says whether it could, and it cannot if the text holds a
+/// control character or nothing to pack (it is then stored as it is).
+///
+/// The names are found where a text written by `Message::to_json` has them: after a `{` or a
+/// `,`, each the first of the names still to come that is there (they are written in the
+/// order of [`NAMES`]), and once the last is found the rest is copied as it is.
+fn pack(text: &str, msg_id: Option<&str>, packed: &mut Vec<u8>) -> bool {
     let bytes = text.as_bytes();
+    packed.clear();
     // Folded rather than searched, so that the check runs over whole vectors of bytes.
     if bytes
         .iter()
         .fold(false, |control, &byte| control | (byte < 0x20))
     {
-        return None;
+        return false;
     }
-    let mut packed = Vec::with_capacity(bytes.len());
+    packed.reserve(bytes.len());
     let mut copied = 0;
     let mut at = 0;
-    // Names are looked for in the order they are written, from the one after the last found:
-    // a text written by `Message::to_json` finds each at the first try.
     let mut next_name = 0;
-    while let Some(found) = memchr::memchr2(b'{', b',', &bytes[at..]) {
+    while next_name < NAMES.len() {
+        let Some(found) = name_start(&bytes[at..]) else {
+            break;
+        };
         let start = at + found;
-        let Some((index, name)) = (next_name..NAMES.len())
-            .map(|index| (index, NAMES[index]))
-            .find(|(_, name)| bytes[start..].starts_with(name))
+        let Some(index) = (next_name..NAMES.len()).find(|&index| names_at(&bytes[start..], index))
         else {
             at = start + 1;
             continue;
@@ -123,7 +145,7 @@ fn pack(text: &str, msg_id: Option<&str>) -> Option<Vec<u8>> {
         let code = index as u8 + 1;
         packed.extend_from_slice(&bytes[copied..start]);
         packed.push(code);
-        at = start + name.len();
+        at = start + NAMES[index].len();
         if let Some(msg_id) = msg_id
             && (code == NAME_MSG_ID || code == NAME_REF_MSG_ID)
             && bytes[at..].starts_with(msg_id.as_bytes())
@@ -136,10 +158,46 @@ fn pack(text: &str, msg_id: Option<&str>) -> Option<Vec<u8>> {
     }
     // Nothing packed: the text is stored as it is, and reads as text in the database too.
     if copied == 0 {
-        return None;
+        return false;
     }
     packed.extend_from_slice(&bytes[copied..]);
-    Some(packed)
+    true
+}
+
+/// Where the next name may begin: the first `{` or `,`. The values between names are a few
+/// bytes long (only the content, written last, is long), and over a few bytes a loop is
+/// cheaper than a vector search's setup, which `memchr` paid at each of them; it searches
+/// what lies beyond.
+fn name_start(bytes: &[u8]) -> Option<usize> {
+    const SHORT: usize = 32;
+    let (short, long) = bytes.split_at(bytes.len().min(SHORT));
+    match short.iter().position(|&byte| byte == b'{' || byte == b',') {
+        Some(at) => Some(at),
+        None => memchr::memchr2(b'{', b',', long).map(|at| at + SHORT),
+    }
+}
+
+/// The first eight bytes of each name, as a word: a name is told from the bytes at a position
+/// by one comparison of words before its whole length is compared. Every name is longer.
+const NAME_WORDS: [u64; NAMES.len()] = {
+    let mut words = [0; NAMES.len()];
+    let mut index = 0;
+    while index < NAMES.len() {
+        let name = NAMES[index];
+        words[index] = u64::from_le_bytes([
+            name[0], name[1], name[2], name[3], name[4], name[5], name[6], name[7],
+        ]);
+        index += 1;
+    }
+    words
+};
+
+/// Whether `bytes` begins with name `index`.
+fn names_at(bytes: &[u8], index: usize) -> bool {
+    let Some(word) = bytes.first_chunk::<8>() else {
+        return false;
+    };
+    u64::from_le_bytes(*word) == NAME_WORDS[index] && bytes.starts_with(NAMES[index])
 }
 
 /// The text `packed` was packed from, with `msg_id` as it was packed with.
@@ -171,9 +229,15 @@ mod tests {
     const REPLY: &str = r#"{"chat_type":1,"msg_id":"g817e8b183d71232c-1111317","ref_msg_id":"b18ed80e06f78bca2-6-137522","timestamp":1796233539840,"sender_type":2,"sender_id":"echo","receiver_id":"u182","resp_code":0,"content_type":1,"content":"xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx"}"#;
     const RECORD: &str = "b18ed80e06f78bca2-6-137522";
 
+    /// `text` packed, or `None` if it is stored as it is.
+    fn packed(text: &str, msg_id: Option<&str>) -> Option<Vec<u8>> {
+        let mut packed = b"left from the text before".to_vec();
+        pack(text, msg_id, &mut packed).then_some(packed)
+    }
+
     /// The bytes `text` takes stored, once it is checked to read back as it was.
     fn round_trip(text: &str, msg_id: Option<&str>) -> usize {
-        let Some(packed) = pack(text, msg_id) else {
+        let Some(packed) = packed(text, msg_id) else {
             return text.len();
         };
         assert_eq!(
@@ -210,7 +274,7 @@ mod tests {
         );
         // The same id as another field's value is not taken for it.
         let text = r#"{"chat_type":1,"msg_id":"m","timestamp":1,"sender_type":1,"sender_id":"m","resp_code":0,"content_type":1,"content":"m"}"#;
-        let packed = pack(text, Some("m")).expect("names to pack");
+        let packed = packed(text, Some("m")).expect("names to pack");
         assert_eq!(
             packed.iter().filter(|&&byte| byte == RECORD_MSG_ID).count(),
             1
@@ -226,10 +290,30 @@ mod tests {
             r#"{"chat_type":1,"msg_id":"m","timestamp":1 ,"sender_type":1,"sender_id":"u","resp_code":0,"content_type":1,"content":""}"#,
         ];
         for text in texts {
-            let packed = pack(text, None).expect("names to pack");
+            let packed = packed(text, None).expect("names to pack");
             assert_eq!(unpack(&packed, None).expect("packed here"), text);
             let names = packed.iter().filter(|&&byte| byte < RECORD_MSG_ID).count();
             assert_eq!(names, 8, "{text} packed as {packed:?}");
+        }
+    }
+
+    #[test]
+    fn names_after_long_values_are_packed() {
+        // Values of every length around the span `name_start` steps over byte by byte, with a
+        // `,` or `{` in some of them, and the record's id among them.
+        for length in [0, 1, 30, 31, 32, 33, 64, 200] {
+            for filler in ["x", ",", "{"] {
+                let long = filler.repeat(length);
+                let text = format!(
+                    r#"{{"chat_type":1,"msg_id":"{long}","timestamp":1,"sender_type":1,"sender_id":"{long}","resp_code":0,"content_type":1,"content":"{long}"}}"#
+                );
+                for msg_id in [None, Some(long.as_str())] {
+                    round_trip(&text, msg_id);
+                    let packed = packed(&text, msg_id).expect("names to pack");
+                    let names = packed.iter().filter(|&&byte| byte < RECORD_MSG_ID).count();
+                    assert_eq!(names, 8, "{text} packed as {packed:?}");
+                }
+            }
         }
     }
 
@@ -265,13 +349,13 @@ mod tests {
             r#"{"chat_type" :1,"msg_id" : "m"}"#,
         ];
         for text in texts {
-            assert_eq!(pack(text, Some("m")), None, "{text:?}");
+            assert_eq!(packed(text, Some("m")), None, "{text:?}");
         }
     }
 
     #[test]
     fn a_packed_text_read_with_the_wrong_record_is_an_error() {
-        let packed = pack(MESSAGE, Some(RECORD)).expect("names to pack");
+        let packed = packed(MESSAGE, Some(RECORD)).expect("names to pack");
         assert!(matches!(unpack(&packed, None), Err(Unpack::NoMsgId)));
         assert!(matches!(
             unpack(&[b'a', 31], None),
