@@ -20,6 +20,7 @@ use std::pin::Pin;
 pub use sqlite::{
     DEFAULT_CACHE_MIB, DEFAULT_DEDUP_MERGE_ROWS, DEFAULT_HISTORY_MERGE_ROWS,
     DEFAULT_QUEUE_CAPACITY, Durability, HISTORY_MERGE_SLICE_ROWS, Options, SqliteStore,
+    StoredEntry,
 };
 pub use token::Token;
 

@@ -9,6 +9,7 @@
 
 mod bulk;
 mod checkpoint;
+mod chunks;
 mod committer;
 mod dedup;
 mod history;
@@ -27,7 +28,7 @@ pub use history::{DEFAULT_HISTORY_MERGE_ROWS, HISTORY_MERGE_SLICE_ROWS};
 
 use self::committer::Committer;
 use self::dedup::Record;
-use self::packed::Pack;
+use self::packed::{Pack, Stored};
 use self::writer::{Batch, Database, Shared, write_loop};
 use crate::token::{self, Token};
 use crate::{
@@ -173,6 +174,31 @@ impl SqliteStore {
         &self.path
     }
 
+    /// Every history entry the database file at `path` holds, oldest first, as its `msg_id`
+    /// (set on an entry that is its message's dedup record), message and reply. For tests of
+    /// how entries are stored, which the store's API does not show; reads the file on a
+    /// connection of its own.
+    #[doc(hidden)]
+    pub fn stored_entries(path: &Path) -> Result<Vec<StoredEntry>> {
+        let conn = Connection::open(path)?;
+        let mut entries = Vec::new();
+        chunks::for_each_after(&conn, 0, |entry| {
+            let stored = [Some(entry.message), entry.reply];
+            entries.push(StoredEntry {
+                msg_id: entry.msg_id.map(str::to_owned),
+                message: entry.message_text()?,
+                reply: entry.reply_text()?,
+                packed: stored
+                    .iter()
+                    .flatten()
+                    .all(|text| matches!(text, Stored::Packed(_))),
+                stored_bytes: stored.iter().flatten().map(Stored::len).sum(),
+            });
+            Ok(std::ops::ControlFlow::Continue(()))
+        })?;
+        Ok(entries)
+    }
+
     /// Runs `work` inside a batch's transaction, and resolves with its result once that
     /// transaction has committed. `work` may run twice (see [`writer`]): its first run's
     /// statements are then rolled back.
@@ -183,6 +209,22 @@ impl SqliteStore {
     {
         Box::pin(self.committer.run(work))
     }
+}
+
+/// A history entry as [`SqliteStore::stored_entries`] reads it.
+#[doc(hidden)]
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredEntry {
+    /// Set when the entry is its message's dedup record.
+    pub msg_id: Option<String>,
+    /// The message, read back.
+    pub message: String,
+    /// The reply, read back.
+    pub reply: Option<String>,
+    /// Whether the message and the reply are stored packed.
+    pub packed: bool,
+    /// The bytes the message and the reply take stored.
+    pub stored_bytes: usize,
 }
 
 /// The tails' maps, keyed by app, conversation or `msg_id`: every message looks its keys up
@@ -269,6 +311,7 @@ fn migrate(conn: &Connection) -> Result<()> {
     dedup::create(conn)?;
     migrate_messages(conn)?;
     dedup::migrate(conn)?;
+    history::move_rows_into_chunks(conn)?;
     dedup::start_entries(conn)
 }
 
@@ -287,6 +330,15 @@ fn set_meta(conn: &Connection, key: &str, value: i64) -> Result<()> {
     )?
     .execute(params![key, value])?;
     Ok(())
+}
+
+/// Whether the database has the table `name`.
+fn has_table(conn: &Connection, name: &str) -> Result<bool> {
+    Ok(conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |row| row.get(0),
+    )?)
 }
 
 /// Whether `table` has the column `name`.
@@ -434,21 +486,26 @@ fn insert_row(
 }
 
 /// What became of a message whose insert found its key in `message_keys`.
-fn earlier_merged_claim(conn: &Connection, app: &str, msg_id: &str) -> Result<Claim> {
+fn earlier_merged_claim(batch: &mut Batch<'_>, app: &str, msg_id: &str) -> Result<Claim> {
     let record =
-        dedup::find_merged(conn, app, msg_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
-    earlier_claim(conn, record)
+        dedup::find_merged(batch, app, msg_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
+    earlier_claim(batch, record)
 }
 
 /// What became of the message whose record this is.
-fn earlier_claim(conn: &Connection, record: Record) -> Result<Claim> {
-    let (sql, id) = match record {
-        Record::Row(id) => ("SELECT response, msg_id FROM messages WHERE id = ?1", id),
-        Record::Entry(id) => ("SELECT reply, msg_id FROM history WHERE id = ?1", id),
+fn earlier_claim(batch: &mut Batch<'_>, record: Record) -> Result<Claim> {
+    let response = match record {
+        Record::Row(id) => batch
+            .prepare_cached("SELECT response, msg_id FROM messages WHERE id = ?1")?
+            .query_row([id], |row| {
+                packed::optional_text(row, 0, row.get_ref(1)?.as_str_or_null()?)
+            })?,
+        Record::Entry(id) => {
+            batch.appends.write()?;
+            chunks::find(batch.conn, id, |entry| entry.reply_text())?
+                .ok_or(rusqlite::Error::QueryReturnedNoRows)?
+        }
     };
-    let response = conn.prepare_cached(sql)?.query_row([id], |row| {
-        packed::optional_text(row, 0, row.get_ref(1)?.as_str_or_null()?)
-    })?;
     Ok(response.map_or(Claim::Pending, Claim::Answered))
 }
 
@@ -665,17 +722,17 @@ impl Store for SqliteStore {
                 && entry.reply.as_ref() == Some(&completion.response)
             {
                 let Batch {
-                    conn,
                     history,
                     dedup,
                     appends,
+                    ..
                 } = database;
                 return match history.append_record(appends, app, msg_id, entry)? {
                     Some(id) => {
                         dedup.inserted_entry(app, msg_id, id);
                         Ok(Claim::New)
                     }
-                    None => earlier_merged_claim(conn, app, msg_id),
+                    None => earlier_merged_claim(database, app, msg_id),
                 };
             }
             let claim = insert_row(
@@ -729,7 +786,7 @@ impl Store for SqliteStore {
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             database
                 .history
-                .read(database.conn, &app, &conversation, limit)
+                .read(&mut database.appends, &app, &conversation, limit)
         })
     }
 
@@ -867,6 +924,8 @@ impl Store for SqliteStore {
             let (mut purged, expired_files) = self
                 .committer
                 .run_on_writer(move |database| {
+                    // The purge reads entries, and reads the tails back from the database.
+                    database.appends.write()?;
                     let Batch {
                         conn,
                         history,

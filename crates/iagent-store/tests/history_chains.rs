@@ -217,6 +217,84 @@ fn has(store: &SqliteStore, name: &str) -> bool {
 }
 
 #[tokio::test]
+async fn a_database_of_an_entry_per_row_is_moved_into_chunks_with_its_records() {
+    let dir = tempfile::tempdir().unwrap();
+    {
+        // The layout before chunks: 300 entries of two conversations, chained, one of them
+        // the record of `m2` with its message packed (`{"chat_type":1,"msg_id":"m2"}`: the
+        // name codes 1 and 2, and 12 for the record's own id), merged up to entry 3.
+        let conn = rusqlite::Connection::open(dir.path().join("iagent.sqlite3")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE history (
+                id INTEGER PRIMARY KEY,
+                app TEXT NOT NULL,
+                conversation TEXT NOT NULL,
+                at_ms INTEGER NOT NULL,
+                message TEXT NOT NULL,
+                reply TEXT,
+                msg_id TEXT,
+                prev INTEGER
+            );
+            CREATE TABLE history_heads (
+                app TEXT NOT NULL,
+                conversation TEXT NOT NULL,
+                head INTEGER NOT NULL,
+                PRIMARY KEY (app, conversation)
+            ) WITHOUT ROWID;
+            CREATE TABLE store_meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL) WITHOUT ROWID;
+            INSERT INTO history VALUES
+                (1, 'shop', 'a', 1, 'a-1', NULL, NULL, NULL),
+                (2, 'shop', 'b', 2, X'0131020C7D', 'response to m2', 'm2', NULL),
+                (3, 'shop', 'a', 3, 'a-3', NULL, NULL, 1);
+            INSERT INTO history_heads VALUES ('shop', 'a', 3), ('shop', 'b', 2);
+            INSERT INTO store_meta VALUES ('history_heads_through', 3),
+                ('message_keys_entries_through', 0);
+            WITH RECURSIVE n(id) AS (SELECT 4 UNION ALL SELECT id + 1 FROM n WHERE id < 300)
+            INSERT INTO history SELECT id, 'shop', 'a', id, 'a-' || id, NULL, NULL,
+                CASE id WHEN 4 THEN 3 ELSE id - 1 END FROM n;",
+        )
+        .unwrap();
+    }
+    let store = open(dir.path(), 1_000_000);
+    assert!(!has(&store, "history"));
+    let expected_a: Vec<String> = (1..=300)
+        .filter(|&n| n != 2)
+        .map(|n| format!("a-{n}"))
+        .collect();
+    assert_eq!(store.history("shop", "a", 1000).await.unwrap(), expected_a);
+    assert_eq!(
+        store.history("shop", "b", 10).await.unwrap(),
+        [r#"{"chat_type":1,"msg_id":"m2"}"#, "response to m2"]
+    );
+    assert_eq!(
+        store
+            .claim("shop", "m2", "again".into(), NOW)
+            .await
+            .unwrap(),
+        iagent_store::Claim::Answered("response to m2".into())
+    );
+    let stored = SqliteStore::stored_entries(store.path()).unwrap();
+    assert_eq!(stored.len(), 300);
+    assert_eq!(stored[1].msg_id.as_deref(), Some("m2"));
+    // Ids go on after the moved entries, and the chains with them, across a reopen.
+    append(&store, "b", NOW, "b-new".into()).await;
+    drop(store);
+    let store = open(dir.path(), 1_000_000);
+    assert_eq!(
+        store.history("shop", "b", 10).await.unwrap(),
+        [
+            r#"{"chat_type":1,"msg_id":"m2"}"#,
+            "response to m2",
+            "b-new"
+        ]
+    );
+    assert_eq!(
+        store.history("shop", "a", 2).await.unwrap(),
+        ["a-299", "a-300"]
+    );
+}
+
+#[tokio::test]
 async fn a_database_with_the_earlier_conversation_index_is_moved_over() {
     let dir = tempfile::tempdir().unwrap();
     {
@@ -316,6 +394,12 @@ async fn a_batch_run_again_after_a_failing_job_keeps_each_entry_once() {
         }
     };
     check(store.clone()).await;
+    // Stored once too, not only read once: no entry of a rolled-back run is left behind.
+    let stored = SqliteStore::stored_entries(store.path()).unwrap();
+    let mut messages: Vec<&str> = stored.iter().map(|entry| entry.message.as_str()).collect();
+    messages.sort_unstable();
+    messages.dedup();
+    assert_eq!((stored.len(), messages.len()), (20_200, 20_200));
     drop(store);
     check(std::sync::Arc::new(open(dir.path(), 1_000_000))).await;
 }

@@ -361,14 +361,21 @@ async fn assert_echo_answered(store: &SqliteStore, msg_id: &str) {
 
 /// How many times `text` is stored, over every column of the dedup and history tables.
 fn copies_stored(dir: &Path, text: &str) -> i64 {
-    let conn = rusqlite::Connection::open(dir.join("iagent.sqlite3")).unwrap();
-    conn.query_row(
-        "SELECT (SELECT COUNT(*) FROM messages WHERE response = ?1 OR inbound = ?1)
-              + (SELECT COUNT(*) FROM history WHERE message = ?1 OR reply = ?1)",
-        [text],
-        |row| row.get(0),
-    )
-    .unwrap()
+    let path = dir.join("iagent.sqlite3");
+    let conn = rusqlite::Connection::open(&path).unwrap();
+    let rows: i64 = conn
+        .query_row(
+            "SELECT COUNT(*) FROM messages WHERE response = ?1 OR inbound = ?1",
+            [text],
+            |row| row.get(0),
+        )
+        .unwrap();
+    let entries = SqliteStore::stored_entries(&path).unwrap();
+    let in_entries = entries
+        .iter()
+        .filter(|entry| entry.message == text || entry.reply.as_deref() == Some(text))
+        .count();
+    rows + in_entries as i64
 }
 
 #[tokio::test]
@@ -547,18 +554,10 @@ async fn message_texts_are_stored_packed_and_read_back_as_they_were() {
         let echo = completion("shop", msg_id, &reply, vec![entry]);
         assert_eq!(store.record(echo, NOW).await.unwrap(), Claim::New);
     }
-    let (stored, kinds): (usize, String) =
-        rusqlite::Connection::open(dir.path().join("iagent.sqlite3"))
-            .unwrap()
-            .query_row(
-                "SELECT SUM(LENGTH(message) + LENGTH(reply)),
-                    GROUP_CONCAT(TYPEOF(message) || ' ' || TYPEOF(reply), ', ')
-             FROM history",
-                [],
-                |row| Ok((row.get(0)?, row.get(1)?)),
-            )
-            .unwrap();
-    assert_eq!(kinds, "blob blob, blob blob");
+    let entries = SqliteStore::stored_entries(&dir.path().join("iagent.sqlite3")).unwrap();
+    assert_eq!(entries.len(), 2);
+    assert!(entries.iter().all(|entry| entry.packed), "{entries:?}");
+    let stored: usize = entries.iter().map(|entry| entry.stored_bytes).sum();
     assert!(
         stored * 2 < texts,
         "{stored} bytes stored for {texts} of text"

@@ -30,12 +30,14 @@
 //! takes an entry whose key is still live first copies its record into a dedup row
 //! ([`DedupKeys::keep_records_before`]).
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use rusqlite::{Connection, OptionalExtension, ToSql, params};
 
 use super::KeyMap;
 use super::bulk;
+use super::chunks;
 use crate::Result;
 
 /// How many dedup rows are appended, by default, before their keys are written into
@@ -50,9 +52,9 @@ pub const DEFAULT_DEDUP_MERGE_ROWS: usize = 32_768;
 /// batch while a run is being written, so the keys go out faster than messages come in.
 pub const DEDUP_MERGE_SLICE_ROWS: usize = 1024;
 
-/// The condition on which an `INSERT OR IGNORE ... SELECT` of a dedup row or a keyed history
-/// entry whose `app` and `msg_id` are its parameters `?2` and `?3` inserts it: that
-/// `message_keys` does not have its key. Where it inserts nothing, [`find_merged`] has the
+/// The condition on which an `INSERT OR IGNORE ... SELECT` of a dedup row whose `app` and
+/// `msg_id` are its parameters `?2` and `?3` inserts it: that `message_keys` does not have its
+/// key. (A history entry that is a record is no row of its own: see [`Assumed`].) Where it inserts nothing, [`find_merged`] has the
 /// record that is there.
 ///
 /// `OR IGNORE`, because an `INSERT ... SELECT` may write many rows, and one that could abort
@@ -66,6 +68,95 @@ macro_rules! not_merged {
     };
 }
 pub(super) use not_merged;
+
+/// How many `msg_id`s one statement of [`Assumed::any_merged`] looks up.
+const LOOKED_UP_PER_STATEMENT: usize = 64;
+
+/// The statement of [`Assumed::any_merged`]: whether `message_keys` has any of the app `?1`'s
+/// `msg_id`s `?2` to `?65`.
+static LOOK_UP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
+    let listed: Vec<String> = (2..2 + LOOKED_UP_PER_STATEMENT)
+        .map(|n| format!("(?{n})"))
+        .collect();
+    format!(
+        "SELECT EXISTS (SELECT 1 FROM (VALUES {}) listed CROSS JOIN message_keys
+             ON msg_id = listed.column1 AND app = ?1)",
+        listed.join(",")
+    )
+});
+
+/// The keys of the records a batch appended as history entries assuming that `message_keys`
+/// did not have them, looked up together before the batch commits. A look-up of each as it
+/// was appended cost 3 400 instructions per message (`bench/instructions`), most of it the
+/// statement's own work, which one statement for up to [`LOOKED_UP_PER_STATEMENT`] keys pays
+/// once. A key that is there means a message whose record was merged is recorded again: the
+/// batch is then rolled back and run again with each key looked up as its record is appended
+/// (see [`super::writer`]), which costs that batch a savepoint per job.
+#[derive(Debug, Default)]
+pub(super) struct Assumed {
+    /// The keys' apps and `msg_id`s, one after the other.
+    text: String,
+    /// Each key's app and `msg_id` in `text`: where the app ends and where the `msg_id` does.
+    keys: Vec<(usize, usize)>,
+}
+
+impl Assumed {
+    /// Adds the key of a record appended assuming `message_keys` does not have it.
+    pub(super) fn push(&mut self, app: &str, msg_id: &str) {
+        self.text.push_str(app);
+        let app_end = self.text.len();
+        self.text.push_str(msg_id);
+        self.keys.push((app_end, self.text.len()));
+    }
+
+    /// Forgets the keys: the records were rolled back.
+    pub(super) fn clear(&mut self) {
+        self.text.clear();
+        self.keys.clear();
+    }
+
+    /// The keys as `(app, msg_id)`.
+    fn keys(&self) -> impl Iterator<Item = (&str, &str)> {
+        let starts = std::iter::once(0).chain(self.keys.iter().map(|&(_, end)| end));
+        starts
+            .zip(&self.keys)
+            .map(|(start, &(app_end, end))| (&self.text[start..app_end], &self.text[app_end..end]))
+    }
+
+    /// Whether `message_keys` has any of the keys. The keys of one app are looked up together
+    /// (a batch's are nearly always of one app): a list of `msg_id`s, each of which is then
+    /// searched for on the table's primary key. Written `msg_id IN (...)`, the list was first
+    /// copied into a B-tree of its own, which cost more than the searches.
+    pub(super) fn any_merged(&self, conn: &Connection) -> Result<bool> {
+        let mut apps: Vec<&str> = self.keys().map(|(app, _)| app).collect();
+        apps.sort_unstable();
+        apps.dedup();
+        let mut look_up = conn.prepare_cached(&LOOK_UP)?;
+        for app in apps {
+            let msg_ids: Vec<&str> = self
+                .keys()
+                .filter(|&(key_app, _)| key_app == app)
+                .map(|(_, msg_id)| msg_id)
+                .collect();
+            look_up.raw_bind_parameter(1, app)?;
+            for some in msg_ids.chunks(LOOKED_UP_PER_STATEMENT) {
+                // The places past the last key are NULL, which no key equals.
+                for place in 0..LOOKED_UP_PER_STATEMENT {
+                    look_up.raw_bind_parameter(place + 2, some.get(place))?;
+                }
+                let mut found = look_up.raw_query();
+                let merged = match found.next()? {
+                    Some(row) => row.get(0)?,
+                    None => false,
+                };
+                if merged {
+                    return Ok(true);
+                }
+            }
+        }
+        Ok(false)
+    }
+}
 
 /// Where the record of a `msg_id` is kept.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -196,10 +287,7 @@ pub(super) fn fold_rows_into_entries(conn: &Connection, table: &str) -> Result<(
 /// Sets where the entries' keys start, for a database from before entries carried them.
 pub(super) fn start_entries(conn: &Connection) -> Result<()> {
     if super::meta(conn, ENTRIES_WATERMARK_KEY)?.is_none() {
-        let through: i64 =
-            conn.query_row("SELECT COALESCE(MAX(id), 0) FROM history", [], |row| {
-                row.get(0)
-            })?;
+        let through = chunks::last_id(conn)?.unwrap_or(0);
         super::set_meta(conn, ENTRIES_WATERMARK_KEY, through)?;
     }
     Ok(())
@@ -361,14 +449,13 @@ impl DedupKeys {
             let (app, msg_id): (String, String) = (row.get(0)?, row.get(1)?);
             self.appended(&app, &msg_id, Record::Row(row.get(2)?));
         }
-        let mut entries = conn.prepare_cached(
-            "SELECT app, msg_id, id FROM history WHERE id > ?1 AND msg_id IS NOT NULL",
-        )?;
-        let mut entries = entries.query([self.entries_through.max(self.entries_expired)])?;
-        while let Some(entry) = entries.next()? {
-            let (app, msg_id): (String, String) = (entry.get(0)?, entry.get(1)?);
-            self.appended(&app, &msg_id, Record::Entry(entry.get(2)?));
-        }
+        let after = self.entries_through.max(self.entries_expired);
+        chunks::for_each_after(conn, after, |entry| {
+            if let Some(msg_id) = entry.msg_id {
+                self.appended(entry.app, msg_id, Record::Entry(entry.id));
+            }
+            Ok(ControlFlow::Continue(()))
+        })?;
         let last: Option<i64> = conn
             .prepare_cached("SELECT MAX(id) FROM messages")?
             .query_row([], |row| row.get(0))?;
@@ -549,35 +636,31 @@ impl DedupKeys {
     /// Drops the keys of the entries older than `before_ms`, oldest first, up to the first one
     /// from `before_ms` on; returns how many.
     fn expire_entries(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
-        let keep_from: Option<i64> = conn
-            .prepare_cached(
-                "SELECT id FROM history WHERE id > ?1 AND at_ms >= ?2 ORDER BY id LIMIT 1",
-            )?
-            .query_row(params![self.entries_expired, before_ms], |row| row.get(0))
-            .optional()?;
+        let mut keep_from = None;
+        let mut expired = 0;
+        let mut forget = conn.prepare_cached(
+            "DELETE FROM message_keys WHERE msg_id = ?1 AND app = ?2 AND id = ?3",
+        )?;
+        chunks::for_each_after(conn, self.entries_expired, |entry| {
+            if entry.at_ms >= before_ms {
+                keep_from = Some(entry.id);
+                return Ok(ControlFlow::Break(()));
+            }
+            if let Some(msg_id) = entry.msg_id {
+                forget.execute(params![msg_id, entry.app, Record::Entry(entry.id).key_id()])?;
+                expired += 1;
+            }
+            Ok(ControlFlow::Continue(()))
+        })?;
         let keep_from = match keep_from {
             Some(id) => id,
-            None => conn
-                .prepare_cached("SELECT COALESCE(MAX(id), 0) + 1 FROM history")?
-                .query_row([], |row| row.get(0))?,
+            None => chunks::last_id(conn)?.unwrap_or(0) + 1,
         };
-        if keep_from <= self.entries_expired + 1 {
-            return Ok(0);
+        if keep_from > self.entries_expired + 1 {
+            self.entries_expired = keep_from - 1;
+            super::set_meta(conn, ENTRIES_EXPIRED_KEY, self.entries_expired)?;
         }
-        let expired: i64 = conn
-            .prepare_cached(
-                "SELECT COUNT(*) FROM history WHERE id > ?1 AND id < ?2 AND msg_id IS NOT NULL",
-            )?
-            .query_row([self.entries_expired, keep_from], |row| row.get(0))?;
-        conn.prepare_cached(
-            "DELETE FROM message_keys WHERE (app, msg_id, id) IN (
-                 SELECT app, msg_id, -id FROM history
-                 WHERE id > ?1 AND id < ?2 AND msg_id IS NOT NULL)",
-        )?
-        .execute([self.entries_expired, keep_from])?;
-        self.entries_expired = keep_from - 1;
-        super::set_meta(conn, ENTRIES_EXPIRED_KEY, self.entries_expired)?;
-        Ok(u64::try_from(expired).unwrap_or(0))
+        Ok(expired)
     }
 
     /// Before the history entries below `keep_from` are removed: the records among them that
@@ -591,23 +674,32 @@ impl DedupKeys {
         conn: &Connection,
         keep_from: i64,
     ) -> Result<bool> {
-        let moved = conn
-            .prepare_cached(
-                "INSERT INTO messages (id, app, msg_id, received_ms, response)
-                 SELECT ?1 + ROW_NUMBER() OVER (ORDER BY id) - 1, app, msg_id, at_ms, reply
-                 FROM history WHERE id > ?2 AND id < ?3 AND msg_id IS NOT NULL
-                 ORDER BY id",
-            )?
-            .execute(params![self.next_id, self.entries_expired, keep_from])?;
-        if moved > 0 {
-            conn.prepare_cached(
-                "DELETE FROM message_keys WHERE (app, msg_id, id) IN (
-                     SELECT app, msg_id, -id FROM history
-                     WHERE id > ?1 AND id < ?2 AND msg_id IS NOT NULL)",
-            )?
-            .execute([self.entries_expired, keep_from])?;
-            self.next_id += i64::try_from(moved).unwrap_or(i64::MAX);
-        }
+        let mut moved = 0;
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO messages (id, app, msg_id, received_ms, response)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut forget = conn.prepare_cached(
+            "DELETE FROM message_keys WHERE msg_id = ?1 AND app = ?2 AND id = ?3",
+        )?;
+        chunks::for_each_after(conn, self.entries_expired, |entry| {
+            if entry.id >= keep_from {
+                return Ok(ControlFlow::Break(()));
+            }
+            if let Some(msg_id) = entry.msg_id {
+                insert.execute(params![
+                    self.next_id,
+                    entry.app,
+                    msg_id,
+                    entry.at_ms,
+                    entry.reply
+                ])?;
+                forget.execute(params![msg_id, entry.app, Record::Entry(entry.id).key_id()])?;
+                self.next_id += 1;
+                moved += 1;
+            }
+            Ok(ControlFlow::Continue(()))
+        })?;
         Ok(moved > 0 || keep_from > self.entries_through.max(self.entries_expired) + 1)
     }
 }
@@ -615,6 +707,39 @@ impl DedupKeys {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn assumed_keys_are_looked_up_by_app_across_statements() {
+        let conn = Connection::open_in_memory().expect("database");
+        create(&conn).expect("table");
+        conn.execute_batch(
+            "INSERT INTO message_keys (app, msg_id, id) VALUES ('shop', 'merged', -7);",
+        )
+        .expect("key");
+        // The merged key at every place around a statement's end, among keys of two apps;
+        // the same `msg_id` of another app, or a key that begins like it, is no match.
+        let per = LOOKED_UP_PER_STATEMENT;
+        for place in [0, per - 1, per, 2 * per + 1] {
+            let mut assumed = Assumed::default();
+            for n in 0..=2 * per + 1 {
+                assumed.push("blog", "merged");
+                assumed.push("shop", if n == place { "merged" } else { "merge" });
+            }
+            assert!(assumed.any_merged(&conn).expect("looked up"), "at {place}");
+            let found: Vec<(&str, &str)> = assumed.keys().skip(2 * place + 1).take(1).collect();
+            assert_eq!(found, [("shop", "merged")]);
+        }
+        let mut assumed = Assumed::default();
+        assert!(!assumed.any_merged(&conn).expect("looked up"));
+        for n in 0..3 * per {
+            assumed.push("blog", "merged");
+            assumed.push("shop", &format!("merged-{n}"));
+        }
+        assert!(!assumed.any_merged(&conn).expect("looked up"));
+        assumed.clear();
+        assumed.push("shop", "merged");
+        assert!(assumed.any_merged(&conn).expect("looked up"));
+    }
 
     /// `msg_ids` of the app `shop` as a run sorts them.
     fn run_of(msg_ids: &[String]) -> Vec<RunKey> {

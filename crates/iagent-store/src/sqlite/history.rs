@@ -1,6 +1,7 @@
 //! Conversation history, kept so that a commit writes only the end of the table.
 //!
-//! History rows are appended in id order, which costs a commit only the table's last page.
+//! History entries are appended in id order, which costs a commit only the table's last page;
+//! they are stored a batch at a time, many to a row (see [`super::chunks`]).
 //! Any index over them that is ordered by conversation puts each new entry at its
 //! conversation's place: with thousands of conversations, a page per message, either at commit
 //! (an ordinary index) or at each merge of an index kept in memory in between, whose merges
@@ -27,12 +28,15 @@
 //! the entries a conversation keeps are always the newest ones: every chain ends where the
 //! purge stopped, and no entry is left unreachable behind a purged one.
 
+use std::ops::ControlFlow;
 use std::sync::Arc;
 
 use rusqlite::{CachedStatement, Connection, OptionalExtension, ToSql, params};
 
 use super::KeyMap;
 use super::bulk;
+use super::chunks::{self, Entry, Pending};
+use super::dedup::Assumed;
 use super::packed::{self, Pack};
 use crate::{HistoryEntry, Result};
 
@@ -51,9 +55,21 @@ pub const HISTORY_MERGE_SLICE_ROWS: usize = 1024;
 /// The `store_meta` key of the last history id whose conversation's head `history_heads` has.
 const WATERMARK_KEY: &str = "history_heads_through";
 
-/// Creates the history tables, and moves a database from an earlier layout over to them.
+/// Creates the history tables, and brings a table of entries from an earlier layout up to the
+/// last layout that kept an entry per row; [`move_rows_into_chunks`] then moves it over.
 pub(super) fn migrate(conn: &Connection) -> Result<()> {
-    create(conn)?;
+    chunks::create(conn)?;
+    conn.execute_batch(
+        "CREATE TABLE IF NOT EXISTS history_heads (
+            app TEXT NOT NULL,
+            conversation TEXT NOT NULL,
+            head INTEGER NOT NULL,
+            PRIMARY KEY (app, conversation)
+        ) WITHOUT ROWID;",
+    )?;
+    if !super::has_table(conn, "history")? {
+        return Ok(());
+    }
     // A table from before an entry held its reply, or before it could carry a record, gets
     // the columns; its rows stay as they are (a reply stored as a row of its own reads back
     // in the same order).
@@ -67,31 +83,43 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
     Ok(())
 }
 
-/// The history tables. Ids come from [`HistoryHeads::next_id`], never from SQLite: an id must
-/// never be handed out twice, since a `prev`, a head or a dedup key naming a purged row must
-/// not come to name another (tables made before that keep their `AUTOINCREMENT`, harmlessly).
-/// `msg_id` is set on an entry whose reply is that message's response: the entry is also the
-/// message's dedup record (see [`super::dedup`]).
-fn create(conn: &Connection) -> Result<()> {
-    conn.execute_batch(
-        "CREATE TABLE IF NOT EXISTS history (
-            id INTEGER PRIMARY KEY,
-            app TEXT NOT NULL,
-            conversation TEXT NOT NULL,
-            at_ms INTEGER NOT NULL,
-            message TEXT NOT NULL,
-            reply TEXT,
-            msg_id TEXT,
-            prev INTEGER
-        );
-        CREATE TABLE IF NOT EXISTS history_heads (
-            app TEXT NOT NULL,
-            conversation TEXT NOT NULL,
-            head INTEGER NOT NULL,
-            PRIMARY KEY (app, conversation)
-        ) WITHOUT ROWID;",
+/// Moves the entries of a table that held one per row (`history`) into chunks, ids and all,
+/// and drops the table. Runs once, inside the migration's transaction, after every step that
+/// reads or changes that table.
+pub(super) fn move_rows_into_chunks(conn: &Connection) -> Result<()> {
+    if !super::has_table(conn, "history")? {
+        return Ok(());
+    }
+    let mut pending = Pending::default();
+    let mut rows = conn.prepare(
+        "SELECT id, prev, at_ms, app, msg_id, conversation, message, reply
+         FROM history ORDER BY id",
     )?;
+    let mut rows = rows.query([])?;
+    while let Some(row) = rows.next()? {
+        pending.push(conn, &legacy_entry(row)?)?;
+    }
+    pending.write(conn)?;
+    conn.execute_batch("DROP TABLE history;")?;
     Ok(())
+}
+
+/// An entry of the table that held one per row.
+fn legacy_entry<'a>(row: &'a rusqlite::Row<'_>) -> rusqlite::Result<Entry<'a>> {
+    Ok(Entry {
+        id: row.get(0)?,
+        prev: row.get(1)?,
+        at_ms: row.get(2)?,
+        app: row.get_ref(3)?.as_str()?,
+        msg_id: row.get_ref(4)?.as_str_or_null()?,
+        conversation: row.get_ref(5)?.as_str()?,
+        message: packed::stored(row, 6)?.ok_or(rusqlite::Error::InvalidColumnType(
+            6,
+            "message".into(),
+            rusqlite::types::Type::Null,
+        ))?,
+        reply: packed::stored(row, 7)?,
+    })
 }
 
 /// Links the rows of a table from an earlier layout (indexed by conversation, in a table of
@@ -133,65 +161,88 @@ fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Optio
         .optional()?)
 }
 
-/// The statements that append entries, each prepared once for a batch, which appends an entry
-/// per message. Taken from rusqlite's statement cache for each entry instead, a statement's SQL
-/// text was trimmed, hashed and copied on its way out, and its bindings cleared and the text
-/// hashed again on its way back: an entry's insert took 15 400 instructions, 12 800 now
-/// (`bench/instructions`). The texts are packed into buffers held for the batch too.
+/// What a batch appends entries with: the chunk it gathers them into, the buffers it packs
+/// their texts into, and the keys of the records among them, which are assumed not to be in
+/// `message_keys` and looked up together before the batch commits (see [`Assumed`]), unless
+/// the batch runs again after one was there: each key is then looked up as its record is
+/// appended. Statements are prepared once for the batch: taken from rusqlite's statement
+/// cache for each entry, a statement's SQL was trimmed, hashed and copied on its way out, and
+/// hashed again on its way back.
 pub(super) struct Appends<'conn> {
     conn: &'conn Connection,
-    /// The insert of an entry that is no dedup record.
-    plain: Option<CachedStatement<'conn>>,
-    /// The insert of an entry that is its message's dedup record, unless its key is merged.
-    keyed: Option<CachedStatement<'conn>>,
+    pending: Pending,
+    assumed: Assumed,
+    /// Whether each record's key is looked up as it is appended, instead of assumed.
+    look_up_each: bool,
+    /// Whether `message_keys` has a key: `(msg_id, app)`.
+    merged: Option<CachedStatement<'conn>>,
     /// The stored forms of the entry's message and reply.
     message: Vec<u8>,
     reply: Vec<u8>,
 }
 
 impl<'conn> Appends<'conn> {
-    /// Statements on `conn`, prepared when first used.
+    /// Appends on `conn`, nothing gathered yet.
     pub(super) fn new(conn: &'conn Connection) -> Self {
         Self {
             conn,
-            plain: None,
-            keyed: None,
+            pending: Pending::default(),
+            assumed: Assumed::default(),
+            look_up_each: false,
+            merged: None,
             message: Vec::new(),
             reply: Vec::new(),
         }
     }
 
-    /// Inserts `entry` as row `id`, the dedup record of `msg_id` if one is given; returns
-    /// whether it was written (a record's is not when its key is merged already).
-    fn insert(
+    /// Writes the entries gathered so far: before the batch commits, and before anything
+    /// reads entries, so that it finds those appended before it in the batch.
+    pub(super) fn write(&mut self) -> Result<()> {
+        self.pending.write(self.conn)
+    }
+
+    /// Drops the entries gathered so far and the keys assumed, with the statements that were
+    /// rolled back.
+    pub(super) fn discard(&mut self) {
+        self.pending.discard();
+        self.assumed.clear();
+    }
+
+    /// Whether `message_keys` has any of the keys assumed not to be there.
+    pub(super) fn any_assumed_merged(&self) -> Result<bool> {
+        self.assumed.any_merged(self.conn)
+    }
+
+    /// From now on, each record's key is looked up as it is appended.
+    pub(super) fn look_up_each(&mut self) {
+        self.look_up_each = true;
+    }
+
+    /// Whether a record of the `msg_id` is merged already: looked up in `message_keys`, or
+    /// assumed not to be.
+    fn merged(&mut self, app: &str, msg_id: &str) -> Result<bool> {
+        if !self.look_up_each {
+            self.assumed.push(app, msg_id);
+            return Ok(false);
+        }
+        let statement = match &mut self.merged {
+            Some(statement) => statement,
+            None => self.merged.insert(self.conn.prepare_cached(
+                "SELECT EXISTS (SELECT 1 FROM message_keys WHERE msg_id = ?1 AND app = ?2)",
+            )?),
+        };
+        Ok(statement.query_row(params![msg_id, app], |row| row.get(0))?)
+    }
+
+    /// Adds `entry` as entry `id`, the dedup record of `msg_id` if one is given.
+    fn push(
         &mut self,
         id: i64,
         app: &str,
         msg_id: Option<&str>,
         entry: &HistoryEntry,
         prev: Option<i64>,
-    ) -> Result<bool> {
-        let (slot, sql) = if msg_id.is_some() {
-            (
-                &mut self.keyed,
-                concat!(
-                    "INSERT OR IGNORE INTO history
-                         (id, app, msg_id, conversation, at_ms, message, reply, prev)
-                     SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8 WHERE ",
-                    super::dedup::not_merged!()
-                ),
-            )
-        } else {
-            (
-                &mut self.plain,
-                "INSERT INTO history (id, app, msg_id, conversation, at_ms, message, reply, prev)
-                 VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8)",
-            )
-        };
-        let statement = match slot {
-            Some(statement) => statement,
-            None => slot.insert(self.conn.prepare_cached(sql)?),
-        };
+    ) -> Result<()> {
         let message = Pack {
             text: &entry.message,
             msg_id,
@@ -199,17 +250,19 @@ impl<'conn> Appends<'conn> {
         .stored(&mut self.message);
         let reply =
             (entry.reply.as_deref()).map(|text| Pack { text, msg_id }.stored(&mut self.reply));
-        let inserted = statement.execute(params![
-            id,
-            app,
-            msg_id,
-            entry.conversation,
-            entry.at_ms,
-            message,
-            reply,
-            prev
-        ])?;
-        Ok(inserted > 0)
+        self.pending.push(
+            self.conn,
+            &Entry {
+                id,
+                prev,
+                at_ms: entry.at_ms,
+                app,
+                msg_id,
+                conversation: &entry.conversation,
+                message,
+                reply,
+            },
+        )
     }
 }
 
@@ -292,18 +345,11 @@ impl HistoryHeads {
         self.rows = 0;
         self.run = None;
         let through = watermark(conn)?.unwrap_or(0);
-        let mut rows = conn.prepare_cached(
-            "SELECT app, conversation, id FROM history WHERE id > ?1 ORDER BY id",
-        )?;
-        let mut rows = rows.query([through])?;
-        while let Some(row) = rows.next()? {
-            let (app, conversation): (String, String) = (row.get(0)?, row.get(1)?);
-            self.moved(&app, &conversation, row.get(2)?);
-        }
-        let last: Option<i64> = conn
-            .prepare_cached("SELECT MAX(id) FROM history")?
-            .query_row([], |row| row.get(0))?;
-        self.next_id = last.unwrap_or(0).max(through) + 1;
+        chunks::for_each_after(conn, through, |entry| {
+            self.moved(entry.app, entry.conversation, entry.id);
+            Ok(ControlFlow::Continue(()))
+        })?;
+        self.next_id = chunks::last_id(conn)?.unwrap_or(0).max(through) + 1;
         Ok(())
     }
 
@@ -381,51 +427,52 @@ impl HistoryHeads {
         entry: &HistoryEntry,
         msg_id: Option<&str>,
     ) -> Result<bool> {
+        if let Some(msg_id) = msg_id
+            && appends.merged(app, msg_id)?
+        {
+            return Ok(false);
+        }
         let prev = match self.tail_head(app, &entry.conversation) {
             Some(prev) => Some(prev),
             None => merged_head(appends.conn, app, &entry.conversation)?,
         };
-        if !appends.insert(self.next_id, app, msg_id, entry, prev)? {
-            return Ok(false);
-        }
+        appends.push(self.next_id, app, msg_id, entry, prev)?;
         self.moved(app, &entry.conversation, self.next_id);
         self.next_id += 1;
         Ok(true)
     }
 
     /// The last `limit` messages of a conversation, as JSON text, oldest first, read from
-    /// its newest entry back. The walk ends at the first entry that is gone (purged: all
-    /// older ones are too).
+    /// its newest entry back, after the batch's gathered entries are written. The walk ends
+    /// at the first entry that is gone (purged: all older ones are too).
     pub(super) fn read(
         &self,
-        conn: &Connection,
+        appends: &mut Appends<'_>,
         app: &str,
         conversation: &str,
         limit: usize,
     ) -> Result<Vec<String>> {
-        // The row's own app and conversation are checked too: a `prev` or a head is only ever
-        // a pointer, and a pointer must not be able to show one conversation another's
-        // messages.
-        let mut entry = conn.prepare_cached(
-            "SELECT message, reply, prev, msg_id FROM history
-             WHERE id = ?1 AND app = ?2 AND conversation = ?3",
-        )?;
+        appends.write()?;
+        let conn = appends.conn;
         let mut newest_first = Vec::with_capacity(limit.min(64));
         let mut next = self.head(conn, app, conversation)?;
         while let Some(id) = next
             && newest_first.len() < limit
         {
-            let found = entry
-                .query_row(params![id, app, conversation], |row| {
-                    let msg_id = row.get_ref(3)?.as_str_or_null()?;
-                    Ok((
-                        packed::text(row, 0, msg_id)?,
-                        packed::optional_text(row, 1, msg_id)?,
-                        row.get::<_, Option<i64>>(2)?,
-                    ))
-                })
-                .optional()?;
-            let Some((message, reply, prev)) = found else {
+            // The entry's own app and conversation are checked too: a `prev` or a head is
+            // only ever a pointer, and a pointer must not be able to show one conversation
+            // another's messages.
+            let found = chunks::find(conn, id, |entry| {
+                if entry.app != app || entry.conversation != conversation {
+                    return Ok(None);
+                }
+                Ok(Some((
+                    entry.message_text()?,
+                    entry.reply_text()?,
+                    entry.prev,
+                )))
+            })?;
+            let Some((message, reply, prev)) = found.flatten() else {
                 break;
             };
             newest_first.extend(reply);
@@ -439,36 +486,30 @@ impl HistoryHeads {
     }
 
     /// The first entry a purge of the entries older than `before_ms` keeps: they go oldest
-    /// row first, up to the first one from `before_ms` on, found by reading the rows before
-    /// it in id order.
+    /// entry first, up to the first one from `before_ms` on, found by reading the chunks
+    /// before it in id order.
     ///
     /// An entry's age is the gateway's clock when it was stored, so entries are old in the
     /// order they were written, give or take the moments their writes waited; one written
     /// out of that order is purged with its neighbours.
     pub(super) fn purge_from(&self, conn: &Connection, before_ms: i64) -> Result<i64> {
-        Ok(conn
-            .prepare_cached("SELECT id FROM history WHERE at_ms >= ?1 ORDER BY id LIMIT 1")?
-            .query_row([before_ms], |row| row.get(0))
-            .optional()?
-            .unwrap_or(self.next_id))
+        Ok(chunks::first_from(conn, before_ms)?.unwrap_or(self.next_id))
     }
 
     /// Removes the entries before `keep_from` (see [`HistoryHeads::purge_from`]); returns how
     /// many. The tail is read back afterwards. Every statement runs inside SQLite, so a purge
-    /// of millions of rows (after a long stop) holds none of them in memory.
+    /// of millions of entries (after a long stop) holds none of them in memory.
     pub(super) fn purge(&mut self, conn: &Connection, keep_from: i64) -> Result<u64> {
-        let removed = conn
-            .prepare_cached("DELETE FROM history WHERE id < ?1")?
-            .execute([keep_from])?;
+        let removed = chunks::delete_before(conn, keep_from)?;
         conn.prepare_cached("DELETE FROM history_heads WHERE head < ?1")?
             .execute([keep_from])?;
-        // No row is left before `keep_from`, so the watermark may move up to it: the ids of
-        // the rows gone are then never handed out again, even to a table the purge emptied,
-        // and no key or head that named one comes to name another.
+        // No entry is left before `keep_from`, so the watermark may move up to it: the ids of
+        // the entries gone are then never handed out again, even to a table the purge
+        // emptied, and no key or head that named one comes to name another.
         let through = watermark(conn)?.unwrap_or(0).max(keep_from - 1);
         set_watermark(conn, through)?;
         self.reload(conn)?;
-        Ok(removed as u64)
+        Ok(removed)
     }
 
     /// How many rows were appended after the watermark.

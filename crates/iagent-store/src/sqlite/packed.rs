@@ -51,17 +51,53 @@ pub(super) struct Pack<'a> {
 
 impl<'a> Pack<'a> {
     /// The stored form, packed into `buffer` (whatever it held before is dropped) when the
-    /// text can be packed. A statement that binds a text per message packs each into the same
-    /// buffer, where [`ToSql`] allocates a new one each time.
-    pub(super) fn stored<'b>(&self, buffer: &'b mut Vec<u8>) -> ToSqlOutput<'b>
+    /// text can be packed: texts packed one after the other into the same buffer cost no
+    /// allocation each, as [`ToSql`] does.
+    pub(super) fn stored<'b>(&self, buffer: &'b mut Vec<u8>) -> Stored<'b>
     where
         'a: 'b,
     {
-        ToSqlOutput::Borrowed(if pack(self.text, self.msg_id, buffer) {
-            ValueRef::Blob(buffer)
+        if pack(self.text, self.msg_id, buffer) {
+            Stored::Packed(buffer)
         } else {
-            ValueRef::Text(self.text.as_bytes())
-        })
+            Stored::Text(self.text)
+        }
+    }
+}
+
+/// A text in its stored form: packed, or as it was. Read back with the `msg_id` it was packed
+/// with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Stored<'a> {
+    Text(&'a str),
+    Packed(&'a [u8]),
+}
+
+impl Stored<'_> {
+    /// The bytes it takes stored.
+    pub(super) fn len(&self) -> usize {
+        match self {
+            Self::Text(text) => text.len(),
+            Self::Packed(packed) => packed.len(),
+        }
+    }
+
+    /// The text, unpacked with `msg_id`.
+    pub(super) fn text(self, msg_id: Option<&str>) -> Result<String, Unpack> {
+        match self {
+            Self::Text(text) => Ok(text.to_owned()),
+            Self::Packed(packed) => unpack(packed, msg_id),
+        }
+    }
+}
+
+/// As a column holds it: a packed text is a BLOB, any other a TEXT.
+impl ToSql for Stored<'_> {
+    fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+        Ok(ToSqlOutput::Borrowed(match *self {
+            Self::Text(text) => ValueRef::Text(text.as_bytes()),
+            Self::Packed(packed) => ValueRef::Blob(packed),
+        }))
     }
 }
 
@@ -85,6 +121,15 @@ pub(super) fn text(row: &Row<'_>, index: usize, msg_id: Option<&str>) -> rusqlit
         }),
         value => Ok(value.as_str()?.to_owned()),
     }
+}
+
+/// Column `index` of `row` in its stored form, without reading it back: `None` for NULL.
+pub(super) fn stored<'a>(row: &'a Row<'_>, index: usize) -> rusqlite::Result<Option<Stored<'a>>> {
+    Ok(match row.get_ref(index)? {
+        ValueRef::Null => None,
+        ValueRef::Blob(packed) => Some(Stored::Packed(packed)),
+        value => Some(Stored::Text(value.as_str()?)),
+    })
 }
 
 /// Like [`text`], for a column that may be NULL.

@@ -9,6 +9,9 @@
 //! If any job fails, the whole transaction is rolled back and the batch runs again with each
 //! job in its own savepoint, so that a failing job undoes only its own statements and the
 //! others commit. A job must therefore be able to run twice, which is why its work is `FnMut`.
+//! The same happens, rarely, when a record appended as a history entry turns out to have a
+//! merged key (its message was recorded long ago): records' keys are looked up all at once at
+//! the end of the bare run ([`super::dedup::Assumed`]), and one at a time in the run again.
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -115,8 +118,10 @@ impl Batch<'_> {
         [self.history.rows(), self.dedup.rows()]
     }
 
-    /// Reads the tails back after a rollback, so that they say again what the database holds.
+    /// Reads the tails back after a rollback, so that they say again what the database holds;
+    /// the entries gathered and not written went with the rolled-back statements.
     fn reload_tails(&mut self) -> Result<()> {
+        self.appends.discard();
         self.history.reload(self.conn)?;
         self.dedup.reload(self.conn)
     }
@@ -207,8 +212,11 @@ fn in_savepoint<T>(
     // Cached statements: `execute_batch` would parse the SQL again for every job.
     batch.prepare_cached("SAVEPOINT job")?.execute([])?;
     let appended = batch.appended();
-    let outcome = work(batch);
+    // The job's entries are written inside its savepoint: they go with it if it fails, and
+    // are in the database when a later job's failure reads the tails back from it.
+    let outcome = work(batch).and_then(|outcome| batch.appends.write().map(|()| outcome));
     if outcome.is_err() {
+        batch.appends.discard();
         batch.prepare_cached("ROLLBACK TO job")?.execute([])?;
         // The job's rows are gone, and so must the tails' entries for them be.
         if batch.appended() != appended {
@@ -342,18 +350,22 @@ fn settle(jobs: &mut Vec<Box<dyn Job>>, batch: Result<(), &StoreError>) {
 }
 
 /// Runs a batch in the open transaction: bare first, and again with a savepoint per job if a
-/// job failed (see the module's documentation); then commits.
+/// job failed or a record was appended whose key was merged (see the module's documentation
+/// and [`super::dedup::Assumed`]); then commits.
 fn run_batch(database: &mut Database, jobs: &mut [Box<dyn Job>]) -> Result<()> {
     let mut batch = database.batch();
-    let clean = jobs.iter_mut().all(|job| job.attempt(&mut batch, false));
+    let clean = jobs.iter_mut().all(|job| job.attempt(&mut batch, false))
+        && !batch.appends.any_assumed_merged()?;
     if !clean {
         transaction(batch.conn, "ROLLBACK")?;
         batch.reload_tails()?;
+        batch.appends.look_up_each();
         transaction(batch.conn, "BEGIN IMMEDIATE")?;
         for job in jobs.iter_mut() {
             job.attempt(&mut batch, true);
         }
     }
+    batch.appends.write()?;
     transaction(batch.conn, "COMMIT")
 }
 
