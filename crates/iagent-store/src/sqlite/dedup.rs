@@ -69,27 +69,28 @@ macro_rules! not_merged {
 }
 pub(super) use not_merged;
 
-/// How many `msg_id`s one statement of [`Assumed::any_merged`] looks up.
-const LOOKED_UP_PER_STATEMENT: usize = 64;
+/// How many `msg_id`s the statements of [`Assumed::any_merged`] look up: the places past the
+/// last key are NULL, and a batch of one message, as most are at moderate load, binds and
+/// steps through one place, not 64.
+const LOOKED_UP_PER_STATEMENT: [usize; 3] = [1, 8, 64];
 
-/// The statement of [`Assumed::any_merged`]: whether `message_keys` has any of the app `?1`'s
-/// `msg_id`s `?2` to `?65`.
-static LOOK_UP: std::sync::LazyLock<String> = std::sync::LazyLock::new(|| {
-    let listed: Vec<String> = (2..2 + LOOKED_UP_PER_STATEMENT)
-        .map(|n| format!("(?{n})"))
-        .collect();
-    format!(
-        "SELECT EXISTS (SELECT 1 FROM (VALUES {}) listed CROSS JOIN message_keys
-             ON msg_id = listed.column1 AND app = ?1)",
-        listed.join(",")
-    )
+/// The statements of [`Assumed::any_merged`], one per size: whether `message_keys` has any of
+/// the app `?1`'s `msg_id`s `?2` on.
+static LOOK_UPS: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
+    LOOKED_UP_PER_STATEMENT.map(|size| {
+        let listed: Vec<String> = (2..2 + size).map(|n| format!("(?{n})")).collect();
+        format!(
+            "SELECT EXISTS (SELECT 1 FROM (VALUES {}) listed CROSS JOIN message_keys
+                 ON msg_id = listed.column1 AND app = ?1)",
+            listed.join(",")
+        )
+    })
 });
 
 /// The keys of the records a batch appended as history entries assuming that `message_keys`
 /// did not have them, looked up together before the batch commits. A look-up of each as it
 /// was appended cost 3 400 instructions per message (`bench/instructions`), most of it the
-/// statement's own work, which one statement for up to [`LOOKED_UP_PER_STATEMENT`] keys pays
-/// once. A key that is there means a message whose record was merged is recorded again: the
+/// statement's own work, which one statement for up to 64 keys pays once. A key that is there means a message whose record was merged is recorded again: the
 /// batch is then rolled back and run again with each key looked up as its record is appended
 /// (see [`super::writer`]), which costs that batch a savepoint per job.
 #[derive(Debug, Default)]
@@ -131,17 +132,23 @@ impl Assumed {
         let mut apps: Vec<&str> = self.keys().map(|(app, _)| app).collect();
         apps.sort_unstable();
         apps.dedup();
-        let mut look_up = conn.prepare_cached(&LOOK_UP)?;
         for app in apps {
             let msg_ids: Vec<&str> = self
                 .keys()
                 .filter(|&(key_app, _)| key_app == app)
                 .map(|(_, msg_id)| msg_id)
                 .collect();
-            look_up.raw_bind_parameter(1, app)?;
-            for some in msg_ids.chunks(LOOKED_UP_PER_STATEMENT) {
+            let largest = LOOKED_UP_PER_STATEMENT[LOOKED_UP_PER_STATEMENT.len() - 1];
+            for some in msg_ids.chunks(largest) {
+                let (size, sql) = LOOKED_UP_PER_STATEMENT
+                    .iter()
+                    .zip(LOOK_UPS.iter())
+                    .find(|&(&size, _)| size >= some.len())
+                    .unwrap_or((&largest, &LOOK_UPS[LOOK_UPS.len() - 1]));
+                let mut look_up = conn.prepare_cached(sql)?;
+                look_up.raw_bind_parameter(1, app)?;
                 // The places past the last key are NULL, which no key equals.
-                for place in 0..LOOKED_UP_PER_STATEMENT {
+                for place in 0..*size {
                     look_up.raw_bind_parameter(place + 2, some.get(place))?;
                 }
                 let mut found = look_up.raw_query();
@@ -718,7 +725,7 @@ mod tests {
         .expect("key");
         // The merged key at every place around a statement's end, among keys of two apps;
         // the same `msg_id` of another app, or a key that begins like it, is no match.
-        let per = LOOKED_UP_PER_STATEMENT;
+        let per = LOOKED_UP_PER_STATEMENT[2];
         for place in [0, per - 1, per, 2 * per + 1] {
             let mut assumed = Assumed::default();
             for n in 0..=2 * per + 1 {
@@ -728,6 +735,16 @@ mod tests {
             assert!(assumed.any_merged(&conn).expect("looked up"), "at {place}");
             let found: Vec<(&str, &str)> = assumed.keys().skip(2 * place + 1).take(1).collect();
             assert_eq!(found, [("shop", "merged")]);
+        }
+        // Every size of statement, the merged key last.
+        for count in [1, 2, 7, 8, 9, 63, 64, 65, 129] {
+            let mut assumed = Assumed::default();
+            for n in 1..count {
+                assumed.push("shop", &format!("new-{n}"));
+            }
+            assert!(!assumed.any_merged(&conn).expect("looked up"), "{count}");
+            assumed.push("shop", "merged");
+            assert!(assumed.any_merged(&conn).expect("looked up"), "{count}");
         }
         let mut assumed = Assumed::default();
         assert!(!assumed.any_merged(&conn).expect("looked up"));
