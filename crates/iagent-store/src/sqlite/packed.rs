@@ -222,27 +222,48 @@ fn name_start(bytes: &[u8]) -> Option<usize> {
     }
 }
 
-/// The first eight bytes of each name, as a word: a name is told from the bytes at a position
-/// by one comparison of words before its whole length is compared. Every name is longer.
-const NAME_WORDS: [u64; NAMES.len()] = {
-    let mut words = [0; NAMES.len()];
+/// Each name as two words, its first eight bytes and its last eight (every name is 9 to 16
+/// bytes long, so the two cover it): a name is told from the bytes at a position by two
+/// comparisons of words, where a comparison of bytes was a call to `memcmp` at each.
+const NAME_WORDS: [(u64, u64); NAMES.len()] = {
+    let mut words = [(0, 0); NAMES.len()];
     let mut index = 0;
     while index < NAMES.len() {
         let name = NAMES[index];
-        words[index] = u64::from_le_bytes([
-            name[0], name[1], name[2], name[3], name[4], name[5], name[6], name[7],
-        ]);
+        assert!(name.len() > 8 && name.len() <= 16);
+        let (first, last) = (first_word(name, 0), first_word(name, name.len() - 8));
+        words[index] = (first, last);
         index += 1;
     }
     words
 };
 
+/// The eight bytes of `bytes` from `at`, as a word.
+const fn first_word(bytes: &[u8], at: usize) -> u64 {
+    u64::from_le_bytes([
+        bytes[at],
+        bytes[at + 1],
+        bytes[at + 2],
+        bytes[at + 3],
+        bytes[at + 4],
+        bytes[at + 5],
+        bytes[at + 6],
+        bytes[at + 7],
+    ])
+}
+
 /// Whether `bytes` begins with name `index`.
 fn names_at(bytes: &[u8], index: usize) -> bool {
-    let Some(word) = bytes.first_chunk::<8>() else {
+    let len = NAMES[index].len();
+    let (Some(first), Some(last)) = (
+        bytes.first_chunk::<8>(),
+        bytes
+            .get(len - 8..len)
+            .and_then(|end| end.first_chunk::<8>()),
+    ) else {
         return false;
     };
-    u64::from_le_bytes(*word) == NAME_WORDS[index] && bytes.starts_with(NAMES[index])
+    (u64::from_le_bytes(*first), u64::from_le_bytes(*last)) == NAME_WORDS[index]
 }
 
 /// The text `packed` was packed from, with `msg_id` as it was packed with.
@@ -339,6 +360,21 @@ mod tests {
             assert_eq!(unpack(&packed, None).expect("packed here"), text);
             let names = packed.iter().filter(|&&byte| byte < RECORD_MSG_ID).count();
             assert_eq!(names, 8, "{text} packed as {packed:?}");
+        }
+    }
+
+    #[test]
+    fn a_name_is_told_by_every_one_of_its_bytes() {
+        for (index, name) in NAMES.iter().enumerate() {
+            let followed = [*name, b"1,\"x\":2}"].concat();
+            assert!(names_at(&followed, index), "{index}");
+            assert!(names_at(name, index), "{index}");
+            for cut in 0..name.len() {
+                assert!(!names_at(&name[..cut], index), "{index} cut at {cut}");
+                let mut changed = followed.clone();
+                changed[cut] ^= 0x20;
+                assert!(!names_at(&changed, index), "{index} changed at {cut}");
+            }
         }
     }
 
