@@ -305,6 +305,39 @@ async fn echoes_recorded_together_each_get_their_own_claim() {
     assert_eq!(entries.len(), 40 + 1 + 600 + 2);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn keys_merged_in_steps_between_concurrent_batches_are_all_found() {
+    let dir = tempfile::tempdir().unwrap();
+    // Runs of 600 keys, written a step of 128 at a time; 4 000 records from 200 callers keep
+    // handing batches to the writer thread while it merges, so its slices end early and
+    // commit with them.
+    let store = std::sync::Arc::new(open(dir.path(), 600));
+    let mut tasks = tokio::task::JoinSet::new();
+    for caller in 0..200 {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let mut msg_ids = Vec::new();
+            for n in 0..20 {
+                let msg_id = format!("s{caller}-{n}");
+                let claim = store.record(echoed("shop", &msg_id), NOW).await.unwrap();
+                assert_eq!(claim, Claim::New, "{msg_id}");
+                msg_ids.push(msg_id);
+            }
+            msg_ids
+        });
+    }
+    let mut msg_ids = Vec::new();
+    while let Some(joined) = tasks.join_next().await {
+        msg_ids.extend(joined.unwrap());
+    }
+    // Runs were merged meanwhile; the last may still be in the tail, or under way.
+    assert!(keys_table(&store).0 >= 1_200, "{:?}", keys_table(&store));
+    assert_answered(&store, &["shop"], &msg_ids).await;
+    drop(store);
+    let store = open(dir.path(), 600);
+    assert_answered(&store, &["shop"], &msg_ids).await;
+}
+
 /// Whether the database has an index on `messages`.
 fn messages_indexes(store: &SqliteStore) -> Vec<String> {
     let conn = rusqlite::Connection::open(store.path()).unwrap();

@@ -194,6 +194,7 @@ impl Committer {
     fn hand_over(&self, jobs: Vec<Box<dyn Job>>) {
         if !jobs.is_empty() {
             self.writer.send(Work::Jobs(jobs)).ok();
+            self.shared.jobs_handed_over();
         }
     }
 }

@@ -345,6 +345,8 @@ struct Run {
     keys: Vec<RunKey>,
     /// Keys before this are in `message_keys`, committed.
     written: usize,
+    /// Keys after those written into `message_keys` in the open transaction.
+    in_transaction: usize,
     /// The rows' watermark once every key is written: the last id handed out when the run
     /// was taken.
     through: i64,
@@ -537,11 +539,12 @@ impl DedupKeys {
         self.run.is_some() || self.rows >= self.merge_rows.max(1)
     }
 
-    /// Writes the next slice of the run (taking the tail as the run first, if none is under
-    /// way) into `message_keys`, in the caller's transaction, and moves the watermarks once the
-    /// slice is the run's last. The run counts the slice as written only in
-    /// [`DedupKeys::merged`], once that transaction has committed.
-    pub(super) fn merge(&mut self, conn: &Connection) -> Result<()> {
+    /// Writes the run's next `rows` keys (taking the tail as the run first, if none is under
+    /// way) into `message_keys`, in the caller's transaction, after those written in it
+    /// before, and moves the watermarks once the last is written; says whether it was. The
+    /// run counts the keys as written only in [`DedupKeys::merged`], once that transaction has
+    /// committed.
+    pub(super) fn merge(&mut self, conn: &Connection, rows: usize) -> Result<bool> {
         let run = match &mut self.run {
             Some(run) => run,
             None => {
@@ -550,24 +553,27 @@ impl DedupKeys {
                 self.run.insert(Run {
                     keys,
                     written: 0,
+                    in_transaction: 0,
                     through: self.next_id - 1,
                     entries_through: self.last_entry,
                 })
             }
         };
-        let end = run.keys.len().min(run.written + DEDUP_MERGE_SLICE_ROWS);
-        let slice = &run.keys[run.written..end];
+        let from = run.written + run.in_transaction;
+        let end = run.keys.len().min(from + rows);
         bulk::insert_all(
             conn,
             "INSERT OR REPLACE INTO message_keys (app, msg_id, id)",
-            slice,
+            &run.keys[from..end],
             |key| [&key.app as &dyn ToSql, &key.msg_id, &key.id],
         )?;
-        if end == run.keys.len() {
+        run.in_transaction = end - run.written;
+        let last = end == run.keys.len();
+        if last {
             set_watermark(conn, run.through)?;
             super::set_meta(conn, ENTRIES_WATERMARK_KEY, run.entries_through)?;
         }
-        Ok(())
+        Ok(last)
     }
 
     /// The tail's keys, sorted into a run.
@@ -584,10 +590,10 @@ impl DedupKeys {
         into_run(keys)
     }
 
-    /// The slice [`DedupKeys::merge`] wrote committed; the run ends with its last.
+    /// The keys [`DedupKeys::merge`] wrote committed; the run ends with its last.
     pub(super) fn merged(&mut self) {
         if let Some(run) = &mut self.run {
-            run.written = run.keys.len().min(run.written + DEDUP_MERGE_SLICE_ROWS);
+            run.written += std::mem::take(&mut run.in_transaction);
             if run.written == run.keys.len() {
                 let (through, entries_through) = (run.through, run.entries_through);
                 self.tail.retain(|_, keys| {

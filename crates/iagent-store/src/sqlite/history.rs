@@ -319,6 +319,8 @@ struct Run {
     heads: Vec<(Arc<str>, Arc<str>, i64)>,
     /// Heads before this are in `history_heads`, committed.
     written: usize,
+    /// Heads after those written into `history_heads` in the open transaction.
+    in_transaction: usize,
     /// The watermark once every head is written: the last id handed out when the merge began.
     through: i64,
 }
@@ -523,29 +525,32 @@ impl HistoryHeads {
         self.run.is_some() || self.rows >= self.merge_rows.max(1)
     }
 
-    /// Writes the next slice of the merge (beginning it, if none is under way) into
-    /// `history_heads`, in the caller's transaction, and moves the watermark past every row
-    /// appended before the merge began once the slice is the merge's last. The merge counts
-    /// the slice as written only in [`HistoryHeads::merged`], once that transaction has
-    /// committed.
-    pub(super) fn merge(&mut self, conn: &Connection) -> Result<()> {
+    /// Writes the merge's next `rows` heads (beginning it, if none is under way) into
+    /// `history_heads`, in the caller's transaction, after those written in it before, and
+    /// moves the watermark past every row appended before the merge began once the last is
+    /// written; says whether it was. The merge counts the heads as written only in
+    /// [`HistoryHeads::merged`], once that transaction has committed.
+    pub(super) fn merge(&mut self, conn: &Connection, rows: usize) -> Result<bool> {
         let run = match self.run.take() {
             Some(run) => run,
             None => self.begin_merge(),
         };
         let run = self.run.insert(run);
-        let end = run.heads.len().min(run.written + HISTORY_MERGE_SLICE_ROWS);
+        let from = run.written + run.in_transaction;
+        let end = run.heads.len().min(from + rows);
         // A head replaces the conversation's row, which holds nothing else.
         bulk::insert_all(
             conn,
             "INSERT OR REPLACE INTO history_heads (app, conversation, head)",
-            &run.heads[run.written..end],
+            &run.heads[from..end],
             |(app, conversation, head)| [app as &dyn ToSql, conversation, head],
         )?;
-        if end == run.heads.len() {
+        run.in_transaction = end - run.written;
+        let last = end == run.heads.len();
+        if last {
             set_watermark(conn, run.through)?;
         }
-        Ok(())
+        Ok(last)
     }
 
     /// Ends the current period: its heads become the merge's run, sorted, and the heads of the
@@ -575,17 +580,80 @@ impl HistoryHeads {
         Run {
             heads,
             written: 0,
+            in_transaction: 0,
             through: self.next_id - 1,
         }
     }
 
-    /// The slice [`HistoryHeads::merge`] wrote committed; the merge ends with its last.
+    /// The heads [`HistoryHeads::merge`] wrote committed; the merge ends with its last.
     pub(super) fn merged(&mut self) {
         if let Some(run) = &mut self.run {
-            run.written = run.heads.len().min(run.written + HISTORY_MERGE_SLICE_ROWS);
+            run.written += std::mem::take(&mut run.in_transaction);
             if run.written == run.heads.len() {
                 self.run = None;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A database of the store's layout, with an entry in each of `conversations`.
+    fn database(conversations: usize) -> (Connection, HistoryHeads) {
+        let conn = Connection::open_in_memory().expect("database");
+        super::super::migrate(&conn).expect("tables");
+        let mut heads = HistoryHeads::load(&conn, conversations).expect("tail");
+        let mut appends = Appends::new(&conn);
+        let entries: Vec<HistoryEntry> = (0..conversations)
+            .map(|n| HistoryEntry {
+                conversation: format!("c{n}"),
+                at_ms: 1,
+                message: format!("m{n}"),
+                reply: None,
+            })
+            .collect();
+        heads
+            .append(&mut appends, "shop", &entries)
+            .expect("appended");
+        appends.write().expect("written");
+        drop(appends);
+        (conn, heads)
+    }
+
+    fn merged_heads(conn: &Connection) -> i64 {
+        conn.query_row("SELECT COUNT(*) FROM history_heads", [], |row| row.get(0))
+            .expect("heads")
+    }
+
+    #[test]
+    fn a_merge_written_in_steps_counts_them_once_committed() {
+        let (conn, mut heads) = database(300);
+        assert!(heads.merge_due());
+        // Two steps in one transaction, committed: 200 heads written, the merge goes on.
+        conn.execute_batch("BEGIN").expect("begin");
+        assert!(!heads.merge(&conn, 100).expect("step"));
+        assert!(!heads.merge(&conn, 100).expect("step"));
+        conn.execute_batch("COMMIT").expect("commit");
+        heads.merged();
+        assert_eq!(merged_heads(&conn), 200);
+        assert_eq!(watermark(&conn).expect("watermark"), None);
+        // A step rolled back leaves the count where it was; the tail is read back, and the
+        // merge starts over from its first head.
+        conn.execute_batch("BEGIN").expect("begin");
+        assert!(heads.merge(&conn, 100).expect("step"));
+        conn.execute_batch("ROLLBACK").expect("rollback");
+        heads.reload(&conn).expect("reloaded");
+        assert_eq!(merged_heads(&conn), 200);
+        // Written to the end: the watermark moves past every entry, and the merge is over.
+        conn.execute_batch("BEGIN").expect("begin");
+        assert!(!heads.merge(&conn, 250).expect("step"));
+        assert!(heads.merge(&conn, 250).expect("step"));
+        conn.execute_batch("COMMIT").expect("commit");
+        heads.merged();
+        assert_eq!(merged_heads(&conn), 300);
+        assert_eq!(watermark(&conn).expect("watermark"), Some(300));
+        assert!(!heads.merge_due());
     }
 }

@@ -21,8 +21,8 @@ use rusqlite::Connection;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::MAX_BATCH;
-use super::dedup::DedupKeys;
-use super::history::{Appends, HistoryHeads};
+use super::dedup::{DEDUP_MERGE_SLICE_ROWS, DedupKeys};
+use super::history::{Appends, HISTORY_MERGE_SLICE_ROWS, HistoryHeads};
 use crate::{HistoryEntry, Result, StoreError};
 
 /// What the writer thread owns: the connection, and the state derived from the database that
@@ -61,11 +61,12 @@ impl Database {
         }
     }
 
-    /// Writes a tail, or the next slice of it, into its table, in the open transaction.
-    fn merge(&mut self, tail: Tail) -> Result<()> {
+    /// Writes the next `rows` of a tail's merge (beginning it, if none is under way) into its
+    /// table, in the open transaction; says whether the merge's last rows are written.
+    fn merge(&mut self, tail: Tail, rows: usize) -> Result<bool> {
         match tail {
-            Tail::HistoryHeads => self.history.merge(&self.conn),
-            Tail::DedupKeys => self.dedup.merge(&self.conn),
+            Tail::HistoryHeads => self.history.merge(&self.conn, rows),
+            Tail::DedupKeys => self.dedup.merge(&self.conn, rows),
         }
     }
 
@@ -235,6 +236,9 @@ pub(super) struct Shared {
     /// only with the database in hand, so that whoever holds it knows whether a slice is
     /// owed before the next batch.
     merge_asked: AtomicBool,
+    /// Whether jobs were handed to the writer thread since it last took them: a merge's slice
+    /// then ends early, so that they wait for one step of it and not the whole slice.
+    jobs_waiting: AtomicBool,
 }
 
 impl Shared {
@@ -242,7 +246,13 @@ impl Shared {
         Self {
             database: Mutex::new(database),
             merge_asked: AtomicBool::new(false),
+            jobs_waiting: AtomicBool::new(false),
         }
+    }
+
+    /// Says that jobs were handed to the writer thread.
+    pub(super) fn jobs_handed_over(&self) {
+        self.jobs_waiting.store(true, Ordering::Release);
     }
 
     /// The database, unless another thread has it.
@@ -304,25 +314,63 @@ pub(super) fn write_loop(shared: &Shared, work: &mpsc::Receiver<Work>) {
     let mut jobs = Vec::new();
     while let Ok(first) = work.recv() {
         let mut database = shared.database();
-        let mut merge = false;
-        for next in std::iter::once(first).chain(work.try_iter()) {
-            match next {
-                Work::Jobs(handed) => jobs.extend(handed),
-                Work::Merge => merge = true,
-            }
-        }
-        if merge {
-            shared.merge_asked.store(false, Ordering::Release);
-            merge_slices(&mut database);
+        if take_handed(shared, Some(first), work, &mut jobs) {
+            write_merge(&mut database, shared, work, &mut jobs);
         }
         while !jobs.is_empty() {
             let mut batch: Vec<_> = jobs.drain(..jobs.len().min(MAX_BATCH)).collect();
             match begin(&database) {
-                Ok(()) => commit(&mut database, &mut batch),
+                Ok(()) => {
+                    commit(&mut database, &mut batch);
+                }
                 Err(err) => settle(&mut batch, Err(&err)),
             }
             // After the callers have their answers, so that a merge never delays them.
-            merge_slices(&mut database);
+            write_merge(&mut database, shared, work, &mut jobs);
+        }
+    }
+}
+
+/// Takes what was handed to the writer thread, `first` and whatever else the channel holds,
+/// into `jobs`; says whether a merge slice was asked for.
+fn take_handed(
+    shared: &Shared,
+    first: Option<Work>,
+    work: &mpsc::Receiver<Work>,
+    jobs: &mut Vec<Box<dyn Job>>,
+) -> bool {
+    // Cleared before the channel is drained: jobs handed over after this set it again.
+    shared.jobs_waiting.store(false, Ordering::Release);
+    let mut merge = false;
+    for next in first.into_iter().chain(work.try_iter()) {
+        match next {
+            Work::Jobs(handed) => jobs.extend(handed),
+            Work::Merge => merge = true,
+        }
+    }
+    if merge {
+        shared.merge_asked.store(false, Ordering::Release);
+    }
+    merge
+}
+
+/// Writes the next slice of every merge that is due. A slice during which jobs were handed
+/// over ends early and commits with them (as many as a batch holds), so that they wait for a
+/// step of it and their own work, not for the slice's commit and then theirs.
+fn write_merge(
+    database: &mut Database,
+    shared: &Shared,
+    work: &mpsc::Receiver<Work>,
+    jobs: &mut Vec<Box<dyn Job>>,
+) {
+    let Some(tails) = merge_slices(database, &shared.jobs_waiting) else {
+        return;
+    };
+    take_handed(shared, None, work, jobs);
+    let mut batch: Vec<_> = jobs.drain(..jobs.len().min(MAX_BATCH)).collect();
+    if commit(database, &mut batch) {
+        for tail in tails {
+            database.merged(tail);
         }
     }
 }
@@ -333,13 +381,14 @@ pub(super) fn begin(database: &Database) -> Result<()> {
 }
 
 /// Runs the jobs in the transaction [`begin`] opened, commits, and answers their callers.
-pub(super) fn commit(database: &mut Database, jobs: &mut Vec<Box<dyn Job>>) {
+pub(super) fn commit(database: &mut Database, jobs: &mut Vec<Box<dyn Job>>) -> bool {
     let result = run_batch(database, jobs);
     if let Err(err) = &result {
         tracing::error!(error = %err, jobs = jobs.len(), "store transaction failed");
         rollback(database);
     }
     settle(jobs, result.as_ref().map(|_| ()));
+    result.is_ok()
 }
 
 /// Answers every job's caller.
@@ -383,32 +432,59 @@ fn rollback(database: &mut Database) {
     }
 }
 
-/// Writes the next slice of every tail whose merge is due, in one transaction of its own, so
-/// that a failure costs no caller its write; the slices are then tried again after the next
-/// batch. One transaction for both tails: each commit that split index pages out of order
-/// walks SQLite's whole page cache once, whatever it wrote.
-fn merge_slices(database: &mut Database) {
+/// How many rows of each tail a slice of a merge writes before it looks whether jobs were
+/// handed to the writer thread meanwhile, and ends early if some were: a batch then waits for
+/// a step of the merge, not a whole slice. Each step of 1 024 keys and heads had held up the
+/// batches behind it for 1 to 3 ms at 10 000 messages/s, and the merges' slices were most of
+/// the open loop's p99 (BENCHMARKS.md).
+pub(super) const MERGE_STEP_ROWS: usize = 128;
+
+/// Writes the next slice of every tail whose merge is due, in a transaction of its own, so
+/// that a failing slice costs no caller its write; the slices are then tried again after the
+/// next batch. One transaction for both tails: each commit that split index pages out of order
+/// walks SQLite's whole page cache once, whatever it wrote. A slice is written a step of
+/// [`MERGE_STEP_ROWS`] per tail at a time, and ends early, after at least one step, once
+/// `jobs_waiting` says jobs were handed over: its transaction is then left open for them, and
+/// the tails it wrote are returned, to be told [`Database::merged`] once it commits.
+fn merge_slices(database: &mut Database, jobs_waiting: &AtomicBool) -> Option<Vec<Tail>> {
     let due = [Tail::HistoryHeads, Tail::DedupKeys].map(|tail| database.merge_due(tail));
     if !due.contains(&true) {
-        return;
+        return None;
     }
-    let tails = || {
-        [Tail::HistoryHeads, Tail::DedupKeys]
-            .into_iter()
-            .zip(due)
-            .filter_map(|(tail, due)| due.then_some(tail))
-    };
-    let attempt = |database: &mut Database| -> Result<()> {
+    let tails: Vec<Tail> = [Tail::HistoryHeads, Tail::DedupKeys]
+        .into_iter()
+        .zip(due)
+        .filter_map(|(tail, due)| due.then_some(tail))
+        .collect();
+    // Whether the slice ended early for jobs, its transaction left open for them.
+    let attempt = |database: &mut Database| -> Result<bool> {
         transaction(database, "BEGIN IMMEDIATE")?;
-        for tail in tails() {
-            database.merge(tail)?;
+        let slices = [HISTORY_MERGE_SLICE_ROWS, DEDUP_MERGE_SLICE_ROWS];
+        let mut writing = due;
+        let mut written = 0;
+        while writing.contains(&true) {
+            let tails = [Tail::HistoryHeads, Tail::DedupKeys]
+                .into_iter()
+                .zip(slices);
+            for ((tail, slice), writing) in tails.zip(&mut writing) {
+                if *writing {
+                    *writing = !database.merge(tail, MERGE_STEP_ROWS.min(slice - written))?
+                        && written + MERGE_STEP_ROWS < slice;
+                }
+            }
+            written += MERGE_STEP_ROWS;
+            if writing.contains(&true) && jobs_waiting.load(Ordering::Acquire) {
+                return Ok(true);
+            }
         }
-        transaction(database, "COMMIT")
+        transaction(database, "COMMIT")?;
+        Ok(false)
     };
     let started = std::time::Instant::now();
     match attempt(database) {
-        Ok(()) => {
-            for tail in tails() {
+        Ok(true) => return Some(tails),
+        Ok(false) => {
+            for &tail in &tails {
                 database.merged(tail);
             }
             tracing::trace!(us = started.elapsed().as_micros(), "merge slices written");
@@ -418,6 +494,7 @@ fn merge_slices(database: &mut Database) {
             rollback(database);
         }
     }
+    None
 }
 
 /// Runs a transaction statement (`BEGIN IMMEDIATE`, `COMMIT`, `ROLLBACK`) from the statement
