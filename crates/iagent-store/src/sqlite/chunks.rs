@@ -99,6 +99,8 @@ enum Corrupt {
     Kind(u8),
     #[error("history chunk's text cannot be unpacked: {0}")]
     Unpack(#[from] super::packed::Unpack),
+    #[error("a history entry's text of {0} bytes is too large to store")]
+    TooLarge(usize),
 }
 
 /// A chunk that cannot be read is a column that cannot be converted: the body, which every
@@ -140,21 +142,14 @@ impl Pending {
             self.first = entry.id;
             self.newest_ms = entry.at_ms;
         }
+        let start = self.body.len();
+        if let Err(err) = encode(&mut self.body, entry) {
+            self.body.truncate(start);
+            return Err(err);
+        }
         self.last = entry.id;
         self.entries += 1;
         self.newest_ms = self.newest_ms.max(entry.at_ms);
-        let body = &mut self.body;
-        for number in [entry.id, entry.prev.unwrap_or(0), entry.at_ms] {
-            body.extend_from_slice(&number.to_le_bytes());
-        }
-        put_bytes(body, entry.app.as_bytes());
-        match entry.msg_id {
-            Some(msg_id) => put_bytes(body, msg_id.as_bytes()),
-            None => body.extend_from_slice(&NO_MSG_ID.to_le_bytes()),
-        }
-        put_bytes(body, entry.conversation.as_bytes());
-        put_text(body, Some(entry.message));
-        put_text(body, entry.reply);
         if self.entries >= CHUNK_ENTRIES || self.body.len() >= CHUNK_BYTES {
             self.write(conn)?;
         }
@@ -187,26 +182,47 @@ impl Pending {
     }
 }
 
-/// Appends a length and the bytes. No text the gateway stores comes near 4 GiB (frames are
-/// limited far below it); a longer one would be cut to its first 4 GiB rather than corrupt
-/// the chunk.
-fn put_bytes(body: &mut Vec<u8>, bytes: &[u8]) {
-    let len = u32::try_from(bytes.len()).unwrap_or(NO_MSG_ID - 1);
-    body.extend_from_slice(&len.to_le_bytes());
-    body.extend_from_slice(&bytes[..len as usize]);
+/// Appends `entry` to a chunk's body, laid out as [`Pending`] says.
+fn encode(body: &mut Vec<u8>, entry: &Entry<'_>) -> Result<()> {
+    for number in [entry.id, entry.prev.unwrap_or(0), entry.at_ms] {
+        body.extend_from_slice(&number.to_le_bytes());
+    }
+    put_bytes(body, entry.app.as_bytes())?;
+    match entry.msg_id {
+        Some(msg_id) => put_bytes(body, msg_id.as_bytes())?,
+        None => body.extend_from_slice(&NO_MSG_ID.to_le_bytes()),
+    }
+    put_bytes(body, entry.conversation.as_bytes())?;
+    put_text(body, Some(entry.message))?;
+    put_text(body, entry.reply)
 }
 
-fn put_text(body: &mut Vec<u8>, text: Option<Stored<'_>>) {
+/// Appends a length and the bytes. No text the gateway stores comes near 4 GiB (frames are
+/// limited far below it); one that did is refused rather than stored cut.
+fn put_bytes(body: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
+    let len = u32::try_from(bytes.len())
+        .ok()
+        .filter(|&len| len != NO_MSG_ID)
+        .ok_or_else(|| corrupt(Corrupt::TooLarge(bytes.len())))?;
+    body.extend_from_slice(&len.to_le_bytes());
+    body.extend_from_slice(bytes);
+    Ok(())
+}
+
+fn put_text(body: &mut Vec<u8>, text: Option<Stored<'_>>) -> Result<()> {
     match text {
         Some(Stored::Text(text)) => {
             body.push(TEXT);
-            put_bytes(body, text.as_bytes());
+            put_bytes(body, text.as_bytes())
         }
         Some(Stored::Packed(packed)) => {
             body.push(PACKED);
-            put_bytes(body, packed);
+            put_bytes(body, packed)
         }
-        None => body.push(NONE),
+        None => {
+            body.push(NONE);
+            Ok(())
+        }
     }
 }
 

@@ -54,8 +54,8 @@ pub const DEDUP_MERGE_SLICE_ROWS: usize = 1024;
 
 /// The condition on which an `INSERT OR IGNORE ... SELECT` of a dedup row whose `app` and
 /// `msg_id` are its parameters `?2` and `?3` inserts it: that `message_keys` does not have its
-/// key. (A history entry that is a record is no row of its own: see [`Assumed`].) Where it inserts nothing, [`find_merged`] has the
-/// record that is there.
+/// key. Where it inserts nothing, [`find_merged`] has the record that is there. (A history
+/// entry that is a record has no statement of its own to check in: see [`Assumed`].)
 ///
 /// `OR IGNORE`, because an `INSERT ... SELECT` may write many rows, and one that could abort
 /// halfway on a constraint makes SQLite copy every page it changes into a statement journal
@@ -90,9 +90,10 @@ static LOOK_UPS: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| 
 /// The keys of the records a batch appended as history entries assuming that `message_keys`
 /// did not have them, looked up together before the batch commits. A look-up of each as it
 /// was appended cost 3 400 instructions per message (`bench/instructions`), most of it the
-/// statement's own work, which one statement for up to 64 keys pays once. A key that is there means a message whose record was merged is recorded again: the
-/// batch is then rolled back and run again with each key looked up as its record is appended
-/// (see [`super::writer`]), which costs that batch a savepoint per job.
+/// statement's own work, which one statement for up to 64 keys pays once (2 100 a key). A key
+/// that is there means a message whose record was merged is recorded again: the batch is then
+/// rolled back and run again with each key looked up as its record is appended (see
+/// [`super::writer`]), which costs that batch a savepoint per job.
 #[derive(Debug, Default)]
 pub(super) struct Assumed {
     /// The keys' apps and `msg_id`s, one after the other.

@@ -434,10 +434,10 @@ fn rollback(database: &mut Database) {
 
 /// How many rows of each tail a slice of a merge writes before it looks whether jobs were
 /// handed to the writer thread meanwhile, and ends early if some were: a batch then waits for
-/// a step of the merge, not a whole slice. Each step of 1 024 keys and heads had held up the
-/// batches behind it for 1 to 3 ms at 10 000 messages/s, and the merges' slices were most of
-/// the open loop's p99 (BENCHMARKS.md).
-pub(super) const MERGE_STEP_ROWS: usize = 128;
+/// a step of the merge, not a whole slice. A whole slice of 1 024 keys and heads had held up
+/// the batches behind it for 1 to 3 ms at 10 000 messages/s, and the merges' slices were most
+/// of the open loop's p99 (BENCHMARKS.md).
+const MERGE_STEP_ROWS: usize = 128;
 
 /// Writes the next slice of every tail whose merge is due, in a transaction of its own, so
 /// that a failing slice costs no caller its write; the slices are then tried again after the
