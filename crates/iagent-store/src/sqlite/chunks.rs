@@ -1,5 +1,5 @@
-//! History entries stored a batch at a time: each row of `history_chunks` holds the entries of
-//! one stretch of consecutive ids, encoded one after the other in a BLOB.
+//! History entries stored a batch at a time: each row of `history_chunks` holds entries with
+//! ids in a stretch of their own, encoded one after the other in a BLOB.
 //!
 //! An entry of its own row cost SQLite a statement per message: its parameters bound and
 //! copied, its program run, the table searched from its root for the row's place (an insert
@@ -99,9 +99,12 @@ enum Corrupt {
     Kind(u8),
     #[error("history chunk's text cannot be unpacked: {0}")]
     Unpack(#[from] super::packed::Unpack),
-    #[error("a history entry's text of {0} bytes is too large to store")]
-    TooLarge(usize),
 }
+
+/// Why an entry could not be added to a chunk.
+#[derive(Debug, thiserror::Error)]
+#[error("a history entry's text of {0} bytes is too large to store")]
+struct TooLarge(usize);
 
 /// A chunk that cannot be read is a column that cannot be converted: the body, which every
 /// query that reads chunks selects second.
@@ -203,7 +206,7 @@ fn put_bytes(body: &mut Vec<u8>, bytes: &[u8]) -> Result<()> {
     let len = u32::try_from(bytes.len())
         .ok()
         .filter(|&len| len != NO_MSG_ID)
-        .ok_or_else(|| corrupt(Corrupt::TooLarge(bytes.len())))?;
+        .ok_or_else(|| rusqlite::Error::ToSqlConversionFailure(Box::new(TooLarge(bytes.len()))))?;
     body.extend_from_slice(&len.to_le_bytes());
     body.extend_from_slice(bytes);
     Ok(())
