@@ -119,8 +119,13 @@ fn the_open_loop_sends_every_scheduled_message_and_measures_each_one() {
             assert!(results[field][p].as_f64().is_some(), "{field}.{p}");
         }
     }
-    assert!(results["server_cpu_seconds_per_100k"].as_f64().is_some());
+    let cpu = results["server_cpu_seconds_per_100k"].as_f64().unwrap();
+    let in_kernel = results["server_system_cpu_seconds_per_100k"]
+        .as_f64()
+        .unwrap();
+    assert!((0.0..=cpu).contains(&in_kernel), "{in_kernel} of {cpu}");
     let text = String::from_utf8(output.stdout).unwrap();
+    assert!(text.contains("of it in the kernel"), "{text}");
     assert!(text.contains("open loop at 400/s"), "{text}");
     assert!(text.contains("send lag:"), "{text}");
 }

@@ -278,7 +278,7 @@ async fn load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
 /// The measured window: its length, and the CPU time the server and the generator spent in it.
 struct Window {
     seconds: f64,
-    cpu_seconds: Option<f64>,
+    cpu: Option<procfs::CpuTime>,
     generator_cpu_seconds: f64,
 }
 
@@ -289,21 +289,21 @@ async fn measure(args: &BenchArgs, counters: &Counters, start: Instant) -> anyho
     let warmup = Duration::from_secs_f64(args.warmup);
     let total = warmup + Duration::from_secs_f64(args.duration);
     progress.wait(counters, start, total, start + warmup).await;
-    let cpu_before = args.server_pid.map(procfs::cpu_seconds).transpose()?;
-    let own_before = procfs::cpu_seconds(std::process::id())?;
+    let cpu_before = args.server_pid.map(procfs::cpu_time).transpose()?;
+    let own_before = procfs::cpu_time(std::process::id())?;
     counters.measuring.store(true, Ordering::Relaxed);
     let measured_from = Instant::now();
     progress.wait(counters, start, total, start + total).await;
     counters.measuring.store(false, Ordering::Relaxed);
     let seconds = measured_from.elapsed().as_secs_f64();
-    let cpu_after = args.server_pid.map(procfs::cpu_seconds).transpose()?;
-    let own_after = procfs::cpu_seconds(std::process::id())?;
+    let cpu_after = args.server_pid.map(procfs::cpu_time).transpose()?;
+    let own_after = procfs::cpu_time(std::process::id())?;
     counters.stopped.store(true, Ordering::Relaxed);
     progress.finish();
     Ok(Window {
         seconds,
-        cpu_seconds: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
-        generator_cpu_seconds: own_after - own_before,
+        cpu: cpu_before.zip(cpu_after).map(|(b, a)| a - b),
+        generator_cpu_seconds: (own_after - own_before).total(),
     })
 }
 
@@ -325,6 +325,7 @@ fn summarize(
         unanswered += outcome.unanswered;
     }
     let round_trips = latencies.len() as u64;
+    let per_100k = |seconds: f64| seconds / round_trips.max(1) as f64 * 100_000.0;
     Load {
         loop_kind: if args.rate.is_some() {
             "open"
@@ -348,9 +349,8 @@ fn summarize(
             not_ok: counters.not_ok.load(Ordering::Relaxed),
             unanswered,
         },
-        server_cpu_seconds_per_100k: window
-            .cpu_seconds
-            .map(|cpu| cpu / round_trips.max(1) as f64 * 100_000.0),
+        server_cpu_seconds_per_100k: window.cpu.map(|cpu| per_100k(cpu.total())),
+        server_system_cpu_seconds_per_100k: window.cpu.map(|cpu| per_100k(cpu.system)),
         generator_cores: window.generator_cpu_seconds / window.seconds,
     }
 }

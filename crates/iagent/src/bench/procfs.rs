@@ -3,11 +3,35 @@
 
 use anyhow::{Context, bail};
 
-/// The process's user and system CPU time, in seconds.
-pub(super) fn cpu_seconds(pid: u32) -> anyhow::Result<f64> {
+/// CPU time a process spent, in seconds: in its own code and in the kernel on its behalf.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(super) struct CpuTime {
+    pub(super) user: f64,
+    pub(super) system: f64,
+}
+
+impl CpuTime {
+    pub(super) fn total(self) -> f64 {
+        self.user + self.system
+    }
+}
+
+impl std::ops::Sub for CpuTime {
+    type Output = Self;
+
+    fn sub(self, earlier: Self) -> Self {
+        Self {
+            user: self.user - earlier.user,
+            system: self.system - earlier.system,
+        }
+    }
+}
+
+/// The process's user and system CPU time.
+pub(super) fn cpu_time(pid: u32) -> anyhow::Result<CpuTime> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .with_context(|| format!("no process {pid}"))?;
-    parse_cpu_seconds(&stat).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
+    parse_cpu_time(&stat).with_context(|| format!("unexpected /proc/{pid}/stat: {stat}"))
 }
 
 /// The process's resident set size (`VmRSS`), in KiB.
@@ -17,8 +41,8 @@ pub(super) fn rss_kib(pid: u32) -> anyhow::Result<u64> {
     parse_rss_kib(&status).with_context(|| format!("no VmRSS in /proc/{pid}/status"))
 }
 
-/// utime + stime from the text of `/proc/PID/stat`, in seconds.
-fn parse_cpu_seconds(stat: &str) -> anyhow::Result<f64> {
+/// utime and stime from the text of `/proc/PID/stat`, in seconds.
+fn parse_cpu_time(stat: &str) -> anyhow::Result<CpuTime> {
     // Fields after the command name, which may hold spaces and parentheses itself: it ends at
     // the last ')'.
     let Some((_, rest)) = stat.rsplit_once(')') else {
@@ -33,7 +57,10 @@ fn parse_cpu_seconds(stat: &str) -> anyhow::Result<f64> {
             .parse::<u64>()
             .context("a CPU time is not a number")? as f64)
     };
-    Ok((ticks(11)? + ticks(12)?) / CLOCK_TICKS_PER_SECOND)
+    Ok(CpuTime {
+        user: ticks(11)? / CLOCK_TICKS_PER_SECOND,
+        system: ticks(12)? / CLOCK_TICKS_PER_SECOND,
+    })
 }
 
 /// USER_HZ, the unit of the CPU times in `/proc`: the kernel's ABI fixes it at 100.
@@ -54,11 +81,12 @@ mod tests {
     use super::*;
 
     #[test]
-    fn cpu_time_is_utime_plus_stime_even_after_an_odd_command_name() {
+    fn cpu_time_is_utime_and_stime_even_after_an_odd_command_name() {
         let stat = "4242 (iagent (x) y) S 1 4242 4242 0 -1 4194560 1234 0 0 0 250 75 0 0 20 0 9 0 \
                     100 200000000 3000 18446744073709551615";
-        assert_eq!(parse_cpu_seconds(stat).expect("parses"), 3.25);
-        assert!(parse_cpu_seconds("4242 (iagent) S 1").is_err());
+        let time = parse_cpu_time(stat).expect("parses");
+        assert_eq!((time.user, time.system, time.total()), (2.5, 0.75, 3.25));
+        assert!(parse_cpu_time("4242 (iagent) S 1").is_err());
     }
 
     #[test]
@@ -73,6 +101,6 @@ mod tests {
     fn this_process_can_be_read() {
         let pid = std::process::id();
         assert!(rss_kib(pid).expect("own status") > 0);
-        assert!(cpu_seconds(pid).expect("own stat") >= 0.0);
+        assert!(cpu_time(pid).expect("own stat").total() >= 0.0);
     }
 }

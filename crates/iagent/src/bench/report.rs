@@ -50,6 +50,9 @@ pub(super) struct Load {
     pub(super) send_lag_ms: Option<Percentiles>,
     pub(super) errors: Errors,
     pub(super) server_cpu_seconds_per_100k: Option<f64>,
+    /// The part of it the kernel spent on the server's behalf (system calls, its sockets),
+    /// which tells the server's own work from what its traffic costs the kernel.
+    pub(super) server_system_cpu_seconds_per_100k: Option<f64>,
     /// The generator's own CPU time per second of the measured window: near 1 on a generator
     /// pinned to one core, it is the generator, not the server, that limits the figures.
     pub(super) generator_cores: f64,
@@ -135,7 +138,11 @@ impl Report {
             }
             out += &errors(&load.errors);
             if let Some(cpu) = load.server_cpu_seconds_per_100k {
-                out += &format!("server CPU:   {cpu:.3} s per 100k round trips\n");
+                out += &format!("server CPU:   {cpu:.3} s per 100k round trips");
+                if let Some(system) = load.server_system_cpu_seconds_per_100k {
+                    out += &format!(" ({system:.3} of it in the kernel)");
+                }
+                out += "\n";
             }
             out += &format!("generator:    {:.2} cores busy\n", load.generator_cores);
         }
