@@ -500,11 +500,10 @@ fn earlier_claim(batch: &mut Batch<'_>, record: Record) -> Result<Claim> {
             .query_row([id], |row| {
                 packed::optional_text(row, 0, row.get_ref(1)?.as_str_or_null()?)
             })?,
-        Record::Entry(id) => {
-            batch.appends.write()?;
-            chunks::find(batch.conn, id, |entry| entry.reply_text())?
-                .ok_or(rusqlite::Error::QueryReturnedNoRows)?
-        }
+        Record::Entry(id) => batch
+            .appends
+            .entry(id, |entry| entry.reply_text())?
+            .ok_or(rusqlite::Error::QueryReturnedNoRows)?,
     };
     Ok(response.map_or(Claim::Pending, Claim::Answered))
 }

@@ -31,7 +31,7 @@
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use rusqlite::{CachedStatement, Connection, OptionalExtension, ToSql, params};
+use rusqlite::{Connection, OptionalExtension, ToSql, params};
 
 use super::KeyMap;
 use super::bulk;
@@ -166,17 +166,14 @@ fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Optio
 /// their texts into, and the keys of the records among them, which are assumed not to be in
 /// `message_keys` and looked up together before the batch commits (see [`Assumed`]), unless
 /// the batch runs again after one was there: each key is then looked up as its record is
-/// appended. Statements are prepared once for the batch: taken from rusqlite's statement
-/// cache for each entry, a statement's SQL was trimmed, hashed and copied on its way out, and
-/// hashed again on its way back.
+/// appended. Entries are read through it too ([`Appends::entry`]), which writes the gathered
+/// ones first.
 pub(super) struct Appends<'conn> {
     conn: &'conn Connection,
     pending: Pending,
     assumed: Assumed,
     /// Whether each record's key is looked up as it is appended, instead of assumed.
     look_up_each: bool,
-    /// Whether `message_keys` has a key: `(msg_id, app)`.
-    merged: Option<CachedStatement<'conn>>,
     /// The stored forms of the entry's message and reply.
     message: Vec<u8>,
     reply: Vec<u8>,
@@ -190,7 +187,6 @@ impl<'conn> Appends<'conn> {
             pending: Pending::default(),
             assumed: Assumed::default(),
             look_up_each: false,
-            merged: None,
             message: Vec::new(),
             reply: Vec::new(),
         }
@@ -226,13 +222,18 @@ impl<'conn> Appends<'conn> {
             self.assumed.push(app, msg_id);
             return Ok(false);
         }
-        let statement = match &mut self.merged {
-            Some(statement) => statement,
-            None => self.merged.insert(self.conn.prepare_cached(
-                "SELECT EXISTS (SELECT 1 FROM message_keys WHERE msg_id = ?1 AND app = ?2)",
-            )?),
-        };
-        Ok(statement.query_row(params![msg_id, app], |row| row.get(0))?)
+        Ok(super::dedup::find_merged(self.conn, app, msg_id)?.is_some())
+    }
+
+    /// Entry `id`, given to `read`, if it is stored; the entries gathered so far are written
+    /// first, so that it is found if the batch appended it.
+    pub(super) fn entry<T>(
+        &mut self,
+        id: i64,
+        read: impl FnOnce(&Entry<'_>) -> Result<T>,
+    ) -> Result<Option<T>> {
+        self.write()?;
+        chunks::find(self.conn, id, read)
     }
 
     /// Adds `entry` as entry `id`, the dedup record of `msg_id` if one is given.
@@ -446,8 +447,8 @@ impl HistoryHeads {
     }
 
     /// The last `limit` messages of a conversation, as JSON text, oldest first, read from
-    /// its newest entry back, after the batch's gathered entries are written. The walk ends
-    /// at the first entry that is gone (purged: all older ones are too).
+    /// its newest entry back. The walk ends at the first entry that is gone (purged: all older
+    /// ones are too).
     pub(super) fn read(
         &self,
         appends: &mut Appends<'_>,
@@ -455,17 +456,15 @@ impl HistoryHeads {
         conversation: &str,
         limit: usize,
     ) -> Result<Vec<String>> {
-        appends.write()?;
-        let conn = appends.conn;
         let mut newest_first = Vec::with_capacity(limit.min(64));
-        let mut next = self.head(conn, app, conversation)?;
+        let mut next = self.head(appends.conn, app, conversation)?;
         while let Some(id) = next
             && newest_first.len() < limit
         {
             // The entry's own app and conversation are checked too: a `prev` or a head is
             // only ever a pointer, and a pointer must not be able to show one conversation
             // another's messages.
-            let found = chunks::find(conn, id, |entry| {
+            let found = appends.entry(id, |entry| {
                 if entry.app != app || entry.conversation != conversation {
                     return Ok(None);
                 }
@@ -626,6 +625,36 @@ mod tests {
     fn merged_heads(conn: &Connection) -> i64 {
         conn.query_row("SELECT COUNT(*) FROM history_heads", [], |row| row.get(0))
             .expect("heads")
+    }
+
+    #[test]
+    fn entries_gathered_in_a_batch_are_read_back_in_it() {
+        let conn = Connection::open_in_memory().expect("database");
+        super::super::migrate(&conn).expect("tables");
+        let mut heads = HistoryHeads::load(&conn, 100).expect("tail");
+        let mut appends = Appends::new(&conn);
+        let entry = |message: &str| HistoryEntry {
+            conversation: "c".into(),
+            at_ms: 1,
+            message: message.into(),
+            reply: None,
+        };
+        heads
+            .append(&mut appends, "shop", &[entry("first"), entry("second")])
+            .expect("appended");
+        // Nothing is written yet: reading writes what the batch gathered, then finds it.
+        assert_eq!(chunks::last_id(&conn).expect("last"), None);
+        assert_eq!(
+            heads.read(&mut appends, "shop", "c", 10).expect("read"),
+            ["first", "second"]
+        );
+        heads
+            .append(&mut appends, "shop", &[entry("third")])
+            .expect("appended");
+        let third = appends
+            .entry(3, |entry| entry.message_text())
+            .expect("read");
+        assert_eq!(third.as_deref(), Some("third"));
     }
 
     #[test]

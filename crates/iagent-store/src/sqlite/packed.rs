@@ -115,12 +115,8 @@ impl ToSql for Pack<'_> {
 /// Reads column `index` of `row` back as the text [`Pack`] stored there with `msg_id`: a BLOB
 /// is unpacked where SQLite holds it, a TEXT is the text.
 pub(super) fn text(row: &Row<'_>, index: usize, msg_id: Option<&str>) -> rusqlite::Result<String> {
-    match row.get_ref(index)? {
-        ValueRef::Blob(packed) => unpack(packed, msg_id).map_err(|err| {
-            rusqlite::Error::FromSqlConversionFailure(index, Type::Blob, Box::new(err))
-        }),
-        value => Ok(value.as_str()?.to_owned()),
-    }
+    optional_text(row, index, msg_id)?
+        .ok_or_else(|| rusqlite::Error::InvalidColumnType(index, "text".into(), Type::Null))
 }
 
 /// Column `index` of `row` in its stored form, without reading it back: `None` for NULL.
@@ -138,10 +134,13 @@ pub(super) fn optional_text(
     index: usize,
     msg_id: Option<&str>,
 ) -> rusqlite::Result<Option<String>> {
-    match row.get_ref(index)? {
-        ValueRef::Null => Ok(None),
-        _ => text(row, index, msg_id).map(Some),
-    }
+    stored(row, index)?
+        .map(|stored| {
+            stored.text(msg_id).map_err(|err| {
+                rusqlite::Error::FromSqlConversionFailure(index, Type::Blob, Box::new(err))
+            })
+        })
+        .transpose()
 }
 
 /// Why a packed text could not be read back: the row was not written by [`Pack`] with the
