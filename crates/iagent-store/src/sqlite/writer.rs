@@ -61,8 +61,18 @@ impl Database {
         }
     }
 
-    /// Writes the next `rows` of a tail's merge (beginning it, if none is under way) into its
-    /// table, in the open transaction; says whether the merge's last rows are written.
+    /// Whether a tail has a slice to write now: the dedup keys only once their run is sorted
+    /// ([`sort_key_run`]).
+    fn slice_ready(&self, tail: Tail) -> bool {
+        match tail {
+            Tail::HistoryHeads => self.history.merge_due(),
+            Tail::DedupKeys => self.dedup.run_begun(),
+        }
+    }
+
+    /// Writes the next `rows` of a tail's merge into its table, in the open transaction (the
+    /// heads' merge begins here when none is under way, the keys' in [`sort_key_run`]); says
+    /// whether the merge's last rows are written.
     fn merge(&mut self, tail: Tail, rows: usize) -> Result<bool> {
         match tail {
             Tail::HistoryHeads => self.history.merge(&self.conn, rows),
@@ -315,7 +325,7 @@ pub(super) fn write_loop(shared: &Shared, work: &mpsc::Receiver<Work>) {
     while let Ok(first) = work.recv() {
         let mut database = shared.database();
         if take_handed(shared, Some(first), work, &mut jobs) {
-            write_merge(&mut database, shared, work, &mut jobs);
+            database = write_merge(database, shared, work, &mut jobs);
         }
         while !jobs.is_empty() {
             let mut batch: Vec<_> = jobs.drain(..jobs.len().min(MAX_BATCH)).collect();
@@ -326,7 +336,7 @@ pub(super) fn write_loop(shared: &Shared, work: &mpsc::Receiver<Work>) {
                 Err(err) => settle(&mut batch, Err(&err)),
             }
             // After the callers have their answers, so that a merge never delays them.
-            write_merge(&mut database, shared, work, &mut jobs);
+            database = write_merge(database, shared, work, &mut jobs);
         }
     }
 }
@@ -356,23 +366,50 @@ fn take_handed(
 
 /// Writes the next slice of every merge that is due. A slice during which jobs were handed
 /// over ends early and commits with them (as many as a batch holds), so that they wait for a
-/// step of it and their own work, not for the slice's commit and then theirs.
-fn write_merge(
-    database: &mut Database,
-    shared: &Shared,
+/// step of it and their own work, not for the slice's commit and then theirs. A merge of the
+/// dedup keys begins only once no job waits here: its run is sorted with the database let go
+/// (see [`sort_key_run`]).
+fn write_merge<'a>(
+    database: MutexGuard<'a, Database>,
+    shared: &'a Shared,
     work: &mpsc::Receiver<Work>,
     jobs: &mut Vec<Box<dyn Job>>,
-) {
-    let Some(tails) = merge_slices(database, &shared.jobs_waiting) else {
-        return;
+) -> MutexGuard<'a, Database> {
+    let mut database = if jobs.is_empty() {
+        sort_key_run(database, shared)
+    } else {
+        database
+    };
+    let Some(tails) = merge_slices(&mut database, &shared.jobs_waiting) else {
+        return database;
     };
     take_handed(shared, None, work, jobs);
     let mut batch: Vec<_> = jobs.drain(..jobs.len().min(MAX_BATCH)).collect();
-    if commit(database, &mut batch) {
+    if commit(&mut database, &mut batch) {
         for tail in tails {
             database.merged(tail);
         }
     }
+    database
+}
+
+/// Takes the dedup keys' next run, if one is due, sorts it with the database let go, and
+/// begins its merge. Sorted with the database in hand, the run of 32 768 keys held every
+/// batch up for 5 to 10 ms at the start of each merge (the open loop's p99.9 at 10 000
+/// messages/s, and a part of its p99); meanwhile batches commit on their callers' threads,
+/// appending keys that the next run takes.
+fn sort_key_run<'a>(
+    mut database: MutexGuard<'a, Database>,
+    shared: &'a Shared,
+) -> MutexGuard<'a, Database> {
+    let Some(taken) = database.dedup.take_run() else {
+        return database;
+    };
+    drop(database);
+    let sorted = taken.sorted();
+    let mut database = shared.database();
+    database.dedup.begin_run(sorted);
+    database
 }
 
 /// Begins a batch's transaction.
@@ -447,7 +484,7 @@ const MERGE_STEP_ROWS: usize = 128;
 /// `jobs_waiting` says jobs were handed over: its transaction is then left open for them, and
 /// the tails it wrote are returned, to be told [`Database::merged`] once it commits.
 fn merge_slices(database: &mut Database, jobs_waiting: &AtomicBool) -> Option<Vec<Tail>> {
-    let due = [Tail::HistoryHeads, Tail::DedupKeys].map(|tail| database.merge_due(tail));
+    let due = [Tail::HistoryHeads, Tail::DedupKeys].map(|tail| database.slice_ready(tail));
     if !due.contains(&true) {
         return None;
     }
