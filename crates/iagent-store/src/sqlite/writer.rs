@@ -16,6 +16,7 @@
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Mutex, MutexGuard, mpsc};
+use std::thread;
 
 use rusqlite::Connection;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
@@ -510,6 +511,9 @@ fn merge_slices(database: &mut Database, jobs_waiting: &AtomicBool) -> Option<Ve
                 }
             }
             written += MERGE_STEP_ROWS;
+            // On a busy core the runtime's thread may not run again before the slice ends,
+            // and only it hands jobs over: let it look for them.
+            thread::yield_now();
             if writing.contains(&true) && jobs_waiting.load(Ordering::Acquire) {
                 return Ok(true);
             }
