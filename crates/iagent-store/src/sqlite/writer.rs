@@ -22,8 +22,8 @@ use rusqlite::Connection;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::MAX_BATCH;
-use super::dedup::{DEDUP_MERGE_SLICE_ROWS, DedupKeys};
-use super::history::{Appends, HISTORY_MERGE_SLICE_ROWS, HistoryHeads};
+use super::dedup::{DEDUP_MERGE_SLICE_ROWS, DedupKeys, TakenRun};
+use super::history::{Appends, HISTORY_MERGE_SLICE_ROWS, HistoryHeads, TakenHeads};
 use crate::{HistoryEntry, Result, StoreError};
 
 /// What the writer thread owns: the connection, and the state derived from the database that
@@ -62,18 +62,16 @@ impl Database {
         }
     }
 
-    /// Whether a tail has a slice to write now: the dedup keys only once their run is sorted
-    /// ([`sort_key_run`]).
+    /// Whether a tail has a slice to write now: once its run is sorted ([`sort_runs`]).
     fn slice_ready(&self, tail: Tail) -> bool {
         match tail {
-            Tail::HistoryHeads => self.history.merge_due(),
+            Tail::HistoryHeads => self.history.run_begun(),
             Tail::DedupKeys => self.dedup.run_begun(),
         }
     }
 
-    /// Writes the next `rows` of a tail's merge into its table, in the open transaction (the
-    /// heads' merge begins here when none is under way, the keys' in [`sort_key_run`]); says
-    /// whether the merge's last rows are written.
+    /// Writes the next `rows` of the merge [`sort_runs`] began into the tail's table, in the
+    /// open transaction; says whether the merge's last rows are written.
     fn merge(&mut self, tail: Tail, rows: usize) -> Result<bool> {
         match tail {
             Tail::HistoryHeads => self.history.merge(&self.conn, rows),
@@ -367,20 +365,17 @@ fn take_handed(
 
 /// Writes the next slice of every merge that is due. A slice during which jobs were handed
 /// over ends early and commits with them (as many as a batch holds), so that they wait for a
-/// step of it and their own work, not for the slice's commit and then theirs. A merge of the
-/// dedup keys begins only once no job waits here: its run is sorted with the database let go
-/// (see [`sort_key_run`]).
+/// step of it and their own work, not for the slice's commit and then theirs. A merge that
+/// begins while no job waits here has its run sorted with the database let go (see
+/// [`sort_runs`]).
 fn write_merge<'a>(
     database: MutexGuard<'a, Database>,
     shared: &'a Shared,
     work: &mpsc::Receiver<Work>,
     jobs: &mut Vec<Box<dyn Job>>,
 ) -> MutexGuard<'a, Database> {
-    let mut database = if jobs.is_empty() {
-        sort_key_run(database, shared)
-    } else {
-        database
-    };
+    let let_go = jobs.is_empty();
+    let mut database = sort_runs(database, shared, let_go);
     let Some(tails) = merge_slices(&mut database, &shared.jobs_waiting) else {
         return database;
     };
@@ -394,22 +389,36 @@ fn write_merge<'a>(
     database
 }
 
-/// Takes the dedup keys' next run, if one is due, sorts it with the database let go, and
-/// begins its merge. Sorted with the database in hand, the run of 32 768 keys held every
-/// batch up for 5 to 10 ms at the start of each merge (the open loop's p99.9 at 10 000
-/// messages/s, and a part of its p99); meanwhile batches commit on their callers' threads,
-/// appending keys that the next run takes.
-fn sort_key_run<'a>(
+/// Takes the next run of each tail whose merge is due, sorts them, with the database let go
+/// if `let_go`, and begins their merges. Sorted with the database in hand, the runs (32 768
+/// keys, the heads of 10 000 conversations) held every batch up for 5 to 12 ms at the start
+/// of each merge (the open loop's p99.9 at 10 000 messages/s, and a part of its p99); let go,
+/// batches commit on their callers' threads meanwhile, into the tails' next runs. Jobs that
+/// already wait for the writer thread wait for the sort either way, and the merge's first
+/// slice then comes before them, as it would have.
+fn sort_runs<'a>(
     mut database: MutexGuard<'a, Database>,
     shared: &'a Shared,
+    let_go: bool,
 ) -> MutexGuard<'a, Database> {
-    let Some(taken) = database.dedup.take_run() else {
+    let (heads, keys) = (database.history.take_run(), database.dedup.take_run());
+    if heads.is_none() && keys.is_none() {
         return database;
+    }
+    let sort = || (heads.map(TakenHeads::sorted), keys.map(TakenRun::sorted));
+    let (mut database, (heads, keys)) = if let_go {
+        drop(database);
+        let sorted = sort();
+        (shared.database(), sorted)
+    } else {
+        (database, sort())
     };
-    drop(database);
-    let sorted = taken.sorted();
-    let mut database = shared.database();
-    database.dedup.begin_run(sorted);
+    if let Some(heads) = heads {
+        database.history.begin_run(heads);
+    }
+    if let Some(keys) = keys {
+        database.dedup.begin_run(keys);
+    }
     database
 }
 
