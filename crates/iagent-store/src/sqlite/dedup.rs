@@ -10,8 +10,9 @@
 //! `store_meta`). The keys of the rows after it are kept in memory, the tail. Once
 //! [`DEFAULT_DEDUP_MERGE_ROWS`] rows have been appended, the tail is taken as a run, sorted by
 //! key (by the writer thread without the database in hand: [`TakenRun`]), and written into
-//! `message_keys` a slice at a time ([`DEDUP_MERGE_SLICE_ROWS`]), in key order, so that the keys of one sender land together: each page is written once for many
-//! keys, and no slice holds up the writer for long. A `msg_id` is looked up in the tail, which
+//! `message_keys` a slice at a time ([`DEDUP_MERGE_SLICE_ROWS`]), in key order, so that the
+//! keys of one sender land together: each page is written once for many keys, and no slice
+//! holds up the writer for long. A `msg_id` is looked up in the tail, which
 //! keeps a run's keys until the whole run is written, then in `message_keys`.
 //!
 //! Tail and run are derived state: whenever their agreement with the database is in doubt (a
@@ -426,6 +427,9 @@ struct RunKey {
     msg_id: Arc<str>,
     /// See [`Record::key_id`].
     id: i64,
+    /// Its place among the keys the run was taken from, which are in the order they were
+    /// appended: of two records of one key, the later is the one the tail holds.
+    seq: usize,
 }
 
 impl RunKey {
@@ -436,26 +440,36 @@ impl RunKey {
             app: app.clone(),
             msg_id: msg_id.clone(),
             id,
+            seq: 0,
         }
     }
 
     /// The order of keys in a run, which is `message_keys`' own: by `msg_id`'s bytes, then by
-    /// app.
+    /// app; the same key's records latest first.
     fn cmp(&self, other: &Self) -> std::cmp::Ordering {
         self.order
             .cmp(&other.order)
             .then_with(|| self.msg_id.cmp(&other.msg_id))
             .then_with(|| self.app.cmp(&other.app))
+            .then_with(|| other.seq.cmp(&self.seq))
+    }
+
+    fn same_key(&self, other: &Self) -> bool {
+        self.order == other.order && self.msg_id == other.msg_id && self.app == other.app
     }
 }
 
-/// `keys` sorted into a run.
+/// `keys`, in the order they were appended, sorted into a run: each key once, with its latest
+/// record, as the tail has it. (A key is appended once while it is in the tail, since every
+/// record is looked for there first; the run does not rely on it.)
 fn into_run(mut keys: Vec<RunKey>) -> Vec<RunKey> {
     let shared = shared_prefix_len(keys.iter().map(|key| key.msg_id.as_bytes()));
-    for key in &mut keys {
+    for (seq, key) in keys.iter_mut().enumerate() {
         key.order = order_of(&key.msg_id.as_bytes()[shared..]);
+        key.seq = seq;
     }
     keys.sort_unstable_by(RunKey::cmp);
+    keys.dedup_by(|later, kept| later.same_key(kept));
     keys
 }
 
@@ -975,6 +989,33 @@ mod tests {
                 ("m3", "blog")
             ]
         );
+    }
+
+    /// A key appended twice is written once, with its later record, whatever the sort does
+    /// with ties.
+    #[test]
+    fn a_run_keeps_the_latest_record_of_a_key() {
+        let (shop, blog) = (Arc::from("shop"), Arc::from("blog"));
+        for repeats in [2, 3, 17, 64] {
+            let mut keys = Vec::new();
+            for n in 0..repeats {
+                keys.push(RunKey::new(&shop, &Arc::from("m1"), n));
+                keys.push(RunKey::new(&blog, &Arc::from("m1"), 100 + n));
+                keys.push(RunKey::new(
+                    &shop,
+                    &Arc::from(format!("m{}", n + 2)),
+                    200 + n,
+                ));
+            }
+            let run = into_run(keys);
+            let m1: Vec<(&str, i64)> = run
+                .iter()
+                .filter(|key| &*key.msg_id == "m1")
+                .map(|key| (&*key.app, key.id))
+                .collect();
+            assert_eq!(m1, [("blog", 99 + repeats), ("shop", repeats - 1)]);
+            assert_eq!(run.len(), 2 + repeats as usize);
+        }
     }
 
     /// The number that orders a run tells apart keys that differ only after a shared prefix
