@@ -378,7 +378,9 @@ pub(super) struct TakenRun {
 }
 
 impl TakenRun {
-    /// The keys sorted into the order they are written in.
+    /// The keys sorted into the order they are written in. A function of its own, never
+    /// inlined: `bench/instructions` counts it with the merge.
+    #[inline(never)]
     pub(super) fn sorted(mut self) -> Self {
         self.keys = into_run(self.keys);
         self
@@ -621,8 +623,14 @@ impl DedupKeys {
     /// Takes the keys of the next run, every key not in one, if a run is due and none is
     /// under way.
     pub(super) fn take_run(&mut self) -> Option<TakenRun> {
-        (self.run.is_none() && self.merge_due()).then(|| TakenRun {
-            keys: std::mem::take(&mut self.pending),
+        if self.run.is_some() || !self.merge_due() {
+            return None;
+        }
+        // Room for a run as long as this one: grown a key at a time, the list was copied
+        // whole at every doubling (0.65% of the CPU at saturation, `perf`).
+        let next = Vec::with_capacity(self.pending.len());
+        Some(TakenRun {
+            keys: std::mem::replace(&mut self.pending, next),
             through: self.next_id - 1,
             entries_through: self.last_entry,
             generation: self.generation,

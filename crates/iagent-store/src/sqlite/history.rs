@@ -346,7 +346,9 @@ pub(super) struct TakenHeads {
 }
 
 impl TakenHeads {
-    /// The heads sorted into the order they are written in: `history_heads`' own.
+    /// The heads sorted into the order they are written in: `history_heads`' own. A function
+    /// of its own, never inlined: `bench/instructions` counts it with the merge.
+    #[inline(never)]
     pub(super) fn sorted(mut self) -> Self {
         self.heads
             .sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
