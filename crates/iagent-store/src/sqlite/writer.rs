@@ -520,11 +520,17 @@ fn merge_slices(database: &mut Database, jobs_waiting: &AtomicBool) -> Option<Ve
                 }
             }
             written += MERGE_STEP_ROWS;
-            // On a busy core the runtime's thread may not run again before the slice ends,
-            // and only it hands jobs over: let it look for them.
-            thread::yield_now();
-            if writing.contains(&true) && jobs_waiting.load(Ordering::Acquire) {
-                return Ok(true);
+            if writing.contains(&true) {
+                // On a busy core the runtime's thread may not run again before the slice
+                // ends, and only it hands jobs over: it gets to look for them, unless it has
+                // already (at saturation it has, and a yield would hold the handed jobs up
+                // for the runtime's whole turn on the core).
+                if !jobs_waiting.load(Ordering::Acquire) {
+                    thread::yield_now();
+                }
+                if jobs_waiting.load(Ordering::Acquire) {
+                    return Ok(true);
+                }
             }
         }
         transaction(database, "COMMIT")?;
