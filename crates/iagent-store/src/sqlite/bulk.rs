@@ -1,9 +1,37 @@
 //! Many rows per statement, for the merges of the tails: run once per row, a statement's own
 //! work (its reset, its program started again) was about as much as the insert itself.
 
+use std::ops::Range;
+
 use rusqlite::{Connection, ToSql, params_from_iter};
 
 use crate::Result;
+
+/// How far a merge has written its run of rows: those committed, and those written after them
+/// in the transaction still open, which count only once it commits (a rollback would take
+/// them back).
+#[derive(Debug, Default)]
+pub(super) struct Progress {
+    written: usize,
+    in_transaction: usize,
+}
+
+impl Progress {
+    /// The next `rows` of a run of `len` to write in the open transaction, after those it
+    /// holds already.
+    pub(super) fn next(&mut self, len: usize, rows: usize) -> Range<usize> {
+        let from = self.written + self.in_transaction;
+        let end = len.min(from + rows);
+        self.in_transaction = end - self.written;
+        from..end
+    }
+
+    /// The open transaction committed; says whether all `len` rows of the run are written.
+    pub(super) fn committed(&mut self, len: usize) -> bool {
+        self.written += std::mem::take(&mut self.in_transaction);
+        self.written == len
+    }
+}
 
 /// How many rows one statement inserts.
 pub(super) const ROWS_PER_STATEMENT: usize = 64;
@@ -42,6 +70,22 @@ fn values(insert: &str, rows: usize, columns: usize) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_counts_rows_written_only_once_their_transaction_commits() {
+        let mut progress = Progress::default();
+        // Two steps in one transaction, then its commit.
+        assert_eq!(progress.next(10, 4), 0..4);
+        assert_eq!(progress.next(10, 4), 4..8);
+        assert!(!progress.committed(10));
+        // A step, then another past the end of the run, committed together: all written.
+        assert_eq!(progress.next(10, 1), 8..9);
+        assert_eq!(progress.next(10, 4), 9..10);
+        assert!(progress.committed(10));
+        // Nothing more to write.
+        assert_eq!(progress.next(10, 4), 10..10);
+        assert!(progress.committed(10));
+    }
 
     fn table(conn: &Connection) -> Vec<(i64, String)> {
         conn.prepare("SELECT id, name FROM t ORDER BY id")

@@ -391,10 +391,8 @@ impl TakenRun {
 #[derive(Debug)]
 struct Run {
     keys: Vec<RunKey>,
-    /// Keys before this are in `message_keys`, committed.
-    written: usize,
-    /// Keys after those written into `message_keys` in the open transaction.
-    in_transaction: usize,
+    /// How many of them are in `message_keys`.
+    progress: bulk::Progress,
     /// The rows' watermark once every key is written: the last id handed out when the run
     /// was taken.
     through: i64,
@@ -407,8 +405,7 @@ impl Run {
     fn begun(taken: TakenRun) -> Self {
         Self {
             keys: taken.keys,
-            written: 0,
-            in_transaction: 0,
+            progress: bulk::Progress::default(),
             through: taken.through,
             entries_through: taken.entries_through,
         }
@@ -653,16 +650,14 @@ impl DedupKeys {
         let Some(run) = &mut self.run else {
             return Ok(true);
         };
-        let from = run.written + run.in_transaction;
-        let end = run.keys.len().min(from + rows);
+        let next = run.progress.next(run.keys.len(), rows);
+        let last = next.end == run.keys.len();
         bulk::insert_all(
             conn,
             "INSERT OR REPLACE INTO message_keys (app, msg_id, id)",
-            &run.keys[from..end],
+            &run.keys[next],
             |key| [&key.app as &dyn ToSql, &key.msg_id, &key.id],
         )?;
-        run.in_transaction = end - run.written;
-        let last = end == run.keys.len();
         if last {
             set_watermark(conn, run.through)?;
             super::set_meta(conn, ENTRIES_WATERMARK_KEY, run.entries_through)?;
@@ -672,21 +667,20 @@ impl DedupKeys {
 
     /// The keys [`DedupKeys::merge`] wrote committed; the run ends with its last.
     pub(super) fn merged(&mut self) {
-        if let Some(run) = &mut self.run {
-            run.written += std::mem::take(&mut run.in_transaction);
-            if run.written == run.keys.len() {
-                let (through, entries_through) = (run.through, run.entries_through);
-                self.tail.retain(|_, keys| {
-                    keys.msg_ids.retain(|_, record| match *record {
-                        Record::Row(id) => id > through,
-                        Record::Entry(id) => id > entries_through,
-                    });
-                    !keys.msg_ids.is_empty()
+        if let Some(run) = &mut self.run
+            && run.progress.committed(run.keys.len())
+        {
+            let (through, entries_through) = (run.through, run.entries_through);
+            self.tail.retain(|_, keys| {
+                keys.msg_ids.retain(|_, record| match *record {
+                    Record::Row(id) => id > through,
+                    Record::Entry(id) => id > entries_through,
                 });
-                self.through = through;
-                self.entries_through = entries_through;
-                self.run = None;
-            }
+                !keys.msg_ids.is_empty()
+            });
+            self.through = through;
+            self.entries_through = entries_through;
+            self.run = None;
         }
     }
 

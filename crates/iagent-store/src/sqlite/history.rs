@@ -323,10 +323,8 @@ pub(super) struct HistoryHeads {
 struct Run {
     /// `(app, conversation, head)`.
     heads: Vec<(Arc<str>, Arc<str>, i64)>,
-    /// Heads before this are in `history_heads`, committed.
-    written: usize,
-    /// Heads after those written into `history_heads` in the open transaction.
-    in_transaction: usize,
+    /// How many of them are in `history_heads`.
+    progress: bulk::Progress,
     /// The watermark once every head is written: the last id handed out when the merge began.
     through: i64,
 }
@@ -350,8 +348,16 @@ impl TakenHeads {
     /// of its own, never inlined: `bench/instructions` counts it with the merge.
     #[inline(never)]
     pub(super) fn sorted(mut self) -> Self {
+        // An app's heads share its name: compared as the same string, the names cost nothing.
+        let apps = |a: &Arc<str>, b: &Arc<str>| {
+            if Arc::ptr_eq(a, b) {
+                std::cmp::Ordering::Equal
+            } else {
+                a.cmp(b)
+            }
+        };
         self.heads
-            .sort_unstable_by(|a, b| a.0.cmp(&b.0).then_with(|| a.1.cmp(&b.1)));
+            .sort_unstable_by(|a, b| apps(&a.0, &b.0).then_with(|| a.1.cmp(&b.1)));
         self
     }
 }
@@ -597,8 +603,7 @@ impl HistoryHeads {
         if taken.generation == self.generation && self.run.is_none() {
             self.run = Some(Run {
                 heads: taken.heads,
-                written: 0,
-                in_transaction: 0,
+                progress: bulk::Progress::default(),
                 through: taken.through,
             });
         }
@@ -614,17 +619,15 @@ impl HistoryHeads {
         let Some(run) = &mut self.run else {
             return Ok(true);
         };
-        let from = run.written + run.in_transaction;
-        let end = run.heads.len().min(from + rows);
+        let next = run.progress.next(run.heads.len(), rows);
+        let last = next.end == run.heads.len();
         // A head replaces the conversation's row, which holds nothing else.
         bulk::insert_all(
             conn,
             "INSERT OR REPLACE INTO history_heads (app, conversation, head)",
-            &run.heads[from..end],
+            &run.heads[next],
             |(app, conversation, head)| [app as &dyn ToSql, conversation, head],
         )?;
-        run.in_transaction = end - run.written;
-        let last = end == run.heads.len();
         if last {
             set_watermark(conn, run.through)?;
         }
@@ -633,11 +636,10 @@ impl HistoryHeads {
 
     /// The heads [`HistoryHeads::merge`] wrote committed; the merge ends with its last.
     pub(super) fn merged(&mut self) {
-        if let Some(run) = &mut self.run {
-            run.written += std::mem::take(&mut run.in_transaction);
-            if run.written == run.heads.len() {
-                self.run = None;
-            }
+        if let Some(run) = &mut self.run
+            && run.progress.committed(run.heads.len())
+        {
+            self.run = None;
         }
     }
 }
