@@ -24,7 +24,6 @@
 //! sync took 0.14 ms at the median instead of 0.40, the database file's 0.26 instead of 0.56.
 
 use std::fs::File;
-use std::io;
 use std::mem::ManuallyDrop;
 use std::path::{Path, PathBuf};
 use std::sync::mpsc::{Receiver, RecvTimeoutError};
@@ -50,10 +49,10 @@ pub(super) fn start(path: &Path, durability: Durability, stop: Receiver<()>) -> 
     let conn = Connection::open(path)?;
     conn.pragma_update(None, "synchronous", synchronous(durability))?;
     conn.busy_timeout(LOCK_WAIT)?;
-    let mut presync = Presync::of(path);
+    let presync = Presync::of(path);
     thread::Builder::new()
         .name("iagent-checkpoint".into())
-        .spawn(move || run(&conn, &mut presync, &stop))
+        .spawn(move || run(&conn, &presync, &stop))
         .map_err(|source| StoreError::DataDir {
             path: path.to_owned(),
             source,
@@ -61,7 +60,7 @@ pub(super) fn start(path: &Path, durability: Durability, stop: Receiver<()>) -> 
     Ok(())
 }
 
-fn run(conn: &Connection, presync: &mut Presync, stop: &Receiver<()>) {
+fn run(conn: &Connection, presync: &Presync, stop: &Receiver<()>) {
     // A failure is logged when it starts and when it ends, not at every interval.
     let mut failing = false;
     while let Err(RecvTimeoutError::Timeout) = stop.recv_timeout(CHECKPOINT_INTERVAL) {
@@ -81,7 +80,7 @@ fn run(conn: &Connection, presync: &mut Presync, stop: &Receiver<()>) {
 
 /// A PASSIVE checkpoint, then, if it copied everything it found, a RESTART one for what was
 /// committed meanwhile, with the files synced in between (see the module's documentation).
-fn checkpoint(conn: &Connection, presync: &mut Presync) -> Result<()> {
+fn checkpoint(conn: &Connection, presync: &Presync) -> Result<()> {
     let passive = Outcome::of(conn, "PASSIVE")?;
     if passive.pages > 0 && passive.complete() {
         presync.sync();
@@ -90,8 +89,10 @@ fn checkpoint(conn: &Connection, presync: &mut Presync) -> Result<()> {
     Ok(())
 }
 
-/// The files the checkpointer syncs itself before a RESTART. A failure is not reported: the
-/// RESTART that follows syncs both files, and fails with the reason if the disk does.
+/// The files the checkpointer syncs itself before a RESTART, opened once as it starts (SQLite
+/// created both before, and removes the WAL only once every connection has closed). A failure
+/// is not reported: the RESTART that follows syncs both files, and fails with the reason if
+/// the disk does.
 #[derive(Debug)]
 struct Presync {
     /// The main database file, never closed: closing a descriptor of a file drops every lock
@@ -100,63 +101,35 @@ struct Presync {
     /// own open for that reason). One descriptor for each store a process opens, for the
     /// process's life. `None` if the file could not be opened.
     database: Option<ManuallyDrop<File>>,
-    wal: WalFile,
+    /// The WAL. SQLite takes no lock on it (its locks are on the `-shm` file), so this
+    /// descriptor is closed with the checkpointer.
+    wal: Option<File>,
 }
 
 impl Presync {
-    /// The files of the database at `database`, which exists.
+    /// The files of the database at `database`.
     fn of(database: &Path) -> Self {
         Self {
             database: File::open(database).ok().map(ManuallyDrop::new),
-            wal: WalFile::of(database),
+            wal: File::open(wal_path(database)).ok(),
         }
     }
 
     /// Writes what the passive checkpoint copied into the database file, then the WAL's
     /// frames, to the disk.
-    fn sync(&mut self) {
-        if let Some(database) = &self.database {
-            database.sync_data().ok();
+    fn sync(&self) {
+        let database = self.database.as_deref();
+        for file in database.into_iter().chain(&self.wal) {
+            file.sync_data().ok();
         }
-        self.wal.sync();
     }
 }
 
-/// The WAL, as a file of the checkpointer's own to sync. SQLite takes no lock on it (its locks
-/// are on the `-shm` file), so its descriptor may be closed, and opened again, at will.
-#[derive(Debug)]
-struct WalFile {
-    path: PathBuf,
-    /// Opened at the first sync, and again after one fails.
-    file: Option<File>,
-}
-
-impl WalFile {
-    /// The WAL of the database at `database`.
-    fn of(database: &Path) -> Self {
-        let mut path = database.as_os_str().to_owned();
-        path.push("-wal");
-        Self {
-            path: path.into(),
-            file: None,
-        }
-    }
-
-    /// Writes the WAL's frames to the disk; a failure closes the descriptor, to open the file
-    /// again next time.
-    fn sync(&mut self) {
-        if self.try_sync().is_err() {
-            self.file = None;
-        }
-    }
-
-    fn try_sync(&mut self) -> io::Result<()> {
-        let file = match &mut self.file {
-            Some(file) => file,
-            None => self.file.insert(File::open(&self.path)?),
-        };
-        file.sync_data()
-    }
+/// The WAL of the database at `database`.
+fn wal_path(database: &Path) -> PathBuf {
+    let mut path = database.as_os_str().to_owned();
+    path.push("-wal");
+    path.into()
 }
 
 /// What `PRAGMA wal_checkpoint` reports.
@@ -197,16 +170,14 @@ mod tests {
         let dir = tempfile::tempdir().expect("temporary directory");
         let database = dir.path().join("iagent.sqlite3");
         std::fs::write(&database, b"pages").expect("a database file");
-        let mut presync = Presync::of(&database);
+        let presync = Presync::of(&database);
         assert!(presync.database.is_some(), "the database file is open");
-        assert_eq!(presync.wal.path, dir.path().join("iagent.sqlite3-wal"));
+        assert_eq!(wal_path(&database), dir.path().join("iagent.sqlite3-wal"));
         presync.sync();
-        assert!(presync.wal.file.is_none(), "there is no WAL to open yet");
-        std::fs::write(&presync.wal.path, b"frames").expect("a WAL");
+        assert!(presync.wal.is_none(), "there is no WAL to open yet");
+        std::fs::write(wal_path(&database), b"frames").expect("a WAL");
+        let presync = Presync::of(&database);
         presync.sync();
-        assert!(
-            presync.wal.file.is_some(),
-            "the WAL is kept open once it exists"
-        );
+        assert!(presync.wal.is_some(), "the WAL is open once it exists");
     }
 }
