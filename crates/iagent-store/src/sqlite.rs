@@ -65,7 +65,10 @@ const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// key table and merges into it and the conversation heads at places all over them; SQLite's
 /// own default (2 MiB) held too little of them, and each page it missed was a read from the
 /// operating system (measured: about 7% of the store's throughput). The cache fills only as
-/// pages are read.
+/// pages are read. Larger is not free: while the database is under 1 GiB, SQLite walks the
+/// whole cache at each commit in which a B-tree split renumbered pages (its temporary number
+/// is the page past the 1 GiB lock byte), and at 256 MiB the gateway did 0.80x the round
+/// trips at saturation (BENCHMARKS.md).
 pub const DEFAULT_CACHE_MIB: usize = 64;
 
 /// What a commit survives.
