@@ -19,7 +19,7 @@ use std::pin::Pin;
 
 pub use sqlite::{
     DEFAULT_CACHE_MIB, DEFAULT_DEDUP_MERGE_ROWS, DEFAULT_HISTORY_MERGE_ROWS,
-    DEFAULT_QUEUE_CAPACITY, Durability, HISTORY_MERGE_SLICE_ROWS, Options, SqliteStore,
+    DEFAULT_QUEUE_CAPACITY, Durability, HISTORY_MERGE_SLICE_ROWS, LOCK_FILE, Options, SqliteStore,
     StoredEntry,
 };
 pub use token::Token;
@@ -78,6 +78,19 @@ pub enum StoreError {
     /// A file could not be written or read.
     #[error("file storage failed: {0}")]
     Files(#[from] std::io::Error),
+    /// Another store, most likely another gateway's, serves from the data directory: each
+    /// directory serves one gateway at a time (see [`sqlite::LOCK_FILE`]).
+    #[error(
+        "another gateway is serving from the data directory {0} (it holds its {lock}); stop it, or give this one a directory of its own",
+        lock = sqlite::LOCK_FILE
+    )]
+    InUse(std::path::PathBuf),
+    /// The store was opened shared ([`SqliteStore::open_shared`]), for administration: only
+    /// the store that serves from the data directory records messages and reads history.
+    #[error(
+        "the store was opened for administration only; messages and history go through the gateway that serves from its data directory"
+    )]
+    Shared,
     /// The data directory could not be created or opened.
     #[error("cannot use data directory {path}: {source}")]
     DataDir {

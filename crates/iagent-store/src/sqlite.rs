@@ -12,6 +12,7 @@ mod checkpoint;
 mod chunks;
 mod committer;
 mod dedup;
+mod directory_lock;
 mod history;
 mod lock_wait;
 mod packed;
@@ -24,10 +25,12 @@ use std::thread;
 use rusqlite::{Connection, OptionalExtension, params};
 
 pub use dedup::DEFAULT_DEDUP_MERGE_ROWS;
+pub use directory_lock::LOCK_FILE;
 pub use history::{DEFAULT_HISTORY_MERGE_ROWS, HISTORY_MERGE_SLICE_ROWS};
 
 use self::committer::Committer;
 use self::dedup::Record;
+use self::directory_lock::DirectoryLock;
 use self::packed::{Pack, Stored};
 use self::writer::{Batch, Database, Shared, write_loop};
 use crate::token::{self, Token};
@@ -112,28 +115,46 @@ impl Default for Options {
     }
 }
 
-/// The SQLite store. Cheap to share behind an `Arc`; the writer thread stops when it is dropped.
+/// The SQLite store. Cheap to share behind an `Arc`. Dropping it waits for the writer thread
+/// to commit what it was handed and stop, and lets go of the data directory.
 #[derive(Debug)]
 pub struct SqliteStore {
+    /// Dropped first: the writer thread stops once its channel is closed.
     committer: Committer,
     path: PathBuf,
     /// Where file bytes live, one file per id; only their metadata goes through the writer,
     /// so a large upload never holds up the message path.
     files: PathBuf,
+    /// Whether this store serves from the data directory, holding its lock, rather than being
+    /// opened shared for administration ([`SqliteStore::open_shared`]).
+    serves: bool,
+    /// Dropped last, after the committer: joins the writer thread.
+    _writer: WriterThread,
 }
 
 impl SqliteStore {
-    /// Opens (creating if needed) the database in `data_dir`, creating the directory too.
+    /// Opens (creating if needed) the database in `data_dir`, creating the directory too, to
+    /// serve from it: the store takes the directory for as long as it is open, and a second
+    /// one is refused with [`StoreError::InUse`] (see [`LOCK_FILE`]).
     pub fn open(data_dir: &Path, options: Options) -> Result<Self> {
-        std::fs::create_dir_all(data_dir).map_err(|source| StoreError::DataDir {
-            path: data_dir.to_owned(),
-            source,
-        })?;
+        create_dir(data_dir)?;
+        let lock = DirectoryLock::take(data_dir)?;
+        Self::open_with(data_dir, options, Some(lock))
+    }
+
+    /// Opens the store in `data_dir` without taking the directory, so that a gateway may be
+    /// serving from it: for administering apps, tokens and agents, whose tables the gateway
+    /// reads afresh. Recording messages and reading history are refused
+    /// ([`StoreError::Shared`]): they rely on the serving store's state in memory.
+    pub fn open_shared(data_dir: &Path, options: Options) -> Result<Self> {
+        create_dir(data_dir)?;
+        Self::open_with(data_dir, options, None)
+    }
+
+    /// Opens the store; `lock` is the directory's, if this store serves from it.
+    fn open_with(data_dir: &Path, options: Options, lock: Option<DirectoryLock>) -> Result<Self> {
         let files = data_dir.join(FILES_DIR);
-        std::fs::create_dir_all(&files).map_err(|source| StoreError::DataDir {
-            path: files.clone(),
-            source,
-        })?;
+        create_dir(&files)?;
         let path = data_dir.join(DATABASE_FILE);
         let conn = Connection::open(&path)?;
         configure(&conn, &options)?;
@@ -154,12 +175,15 @@ impl SqliteStore {
         let shared = Arc::new(Shared::new(database));
         let (writer, work) = mpsc::channel();
         let committer = Committer::new(Arc::clone(&shared), writer, options.queue_capacity);
-        thread::Builder::new()
+        let serves = lock.is_some();
+        let writer = thread::Builder::new()
             .name("iagent-store".into())
             .spawn(move || {
                 write_loop(&shared, &work);
                 drop(shared);
                 drop(stop_checkpoints);
+                // Only now: the last commit is made.
+                drop(lock);
             })
             .map_err(|source| StoreError::DataDir {
                 path: data_dir.to_owned(),
@@ -169,6 +193,8 @@ impl SqliteStore {
             committer,
             path,
             files,
+            serves,
+            _writer: WriterThread(Some(writer)),
         })
     }
 
@@ -212,6 +238,43 @@ impl SqliteStore {
     {
         Box::pin(self.committer.run(work))
     }
+
+    /// Runs `work` like [`SqliteStore::run`] if this store serves from its directory: work
+    /// that keeps the tails, which only that store has up to date.
+    fn run_serving<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
+    {
+        if !self.serves {
+            return Box::pin(std::future::ready(Err(StoreError::Shared)));
+        }
+        self.run(work)
+    }
+}
+
+/// The writer thread, joined when dropped: a store dropped has committed everything, and has
+/// let go of its directory, so that a store opened after it (a restart in one process) finds
+/// what it wrote and the directory free.
+#[derive(Debug)]
+struct WriterThread(Option<thread::JoinHandle<()>>);
+
+impl Drop for WriterThread {
+    fn drop(&mut self) {
+        if let Some(writer) = self.0.take()
+            && writer.join().is_err()
+        {
+            tracing::error!("the store's writer thread panicked");
+        }
+    }
+}
+
+/// Creates `dir` if it is missing.
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(|source| StoreError::DataDir {
+        path: dir.to_owned(),
+        source,
+    })
 }
 
 /// A history entry as [`SqliteStore::stored_entries`] reads it.
@@ -704,7 +767,7 @@ impl Store for SqliteStore {
         now_ms: i64,
     ) -> BoxFuture<'_, Result<Claim>> {
         let (app, msg_id) = (app.to_owned(), msg_id.to_owned());
-        self.run(move |database| {
+        self.run_serving(move |database| {
             if let Some(id) = database.dedup.find_recent(&app, &msg_id) {
                 return earlier_claim(database, id);
             }
@@ -713,7 +776,7 @@ impl Store for SqliteStore {
     }
 
     fn record(&self, completion: Completion, received_ms: i64) -> BoxFuture<'_, Result<Claim>> {
-        self.run(move |database| {
+        self.run_serving(move |database| {
             let (app, msg_id) = (&completion.app, &completion.msg_id);
             if let Some(id) = database.dedup.find_recent(app, msg_id) {
                 return earlier_claim(database, id);
@@ -753,7 +816,7 @@ impl Store for SqliteStore {
     }
 
     fn complete(&self, completion: Completion) -> BoxFuture<'_, Result<()>> {
-        self.run(move |database| {
+        self.run_serving(move |database| {
             // The inbound frame was kept for recovery only; an answered message needs it no more.
             // A record in an entry was answered as it was written: only a row is completed.
             if let Some(Record::Row(id)) =
@@ -784,7 +847,7 @@ impl Store for SqliteStore {
         limit: u32,
     ) -> BoxFuture<'_, Result<Vec<String>>> {
         let (app, conversation) = (app.to_owned(), conversation.to_owned());
-        self.run(move |database| {
+        self.run_serving(move |database| {
             let limit = usize::try_from(limit).unwrap_or(usize::MAX);
             database
                 .history
@@ -800,7 +863,7 @@ impl Store for SqliteStore {
         until_ms: i64,
     ) -> BoxFuture<'_, Result<()>> {
         let (app, msg_id, agent) = (app.to_owned(), msg_id.to_owned(), agent.to_owned());
-        self.run(move |database| {
+        self.run_serving(move |database| {
             if let Some(Record::Row(id)) = database.dedup.find(database.conn, &app, &msg_id)? {
                 database
                     .prepare_cached(
@@ -835,7 +898,7 @@ impl Store for SqliteStore {
 
     fn append_history(&self, app: &str, entries: Vec<HistoryEntry>) -> BoxFuture<'_, Result<()>> {
         let app = app.to_owned();
-        self.run(move |database| database.append_history(&app, &entries))
+        self.run_serving(move |database| database.append_history(&app, &entries))
     }
 
     fn unanswered(&self) -> BoxFuture<'_, Result<Vec<Unanswered>>> {
@@ -922,6 +985,9 @@ impl Store for SqliteStore {
 
     fn purge(&self, before: PurgeBefore) -> BoxFuture<'_, Result<Purged>> {
         Box::pin(async move {
+            if !self.serves {
+                return Err(StoreError::Shared);
+            }
             // On the writer thread: a purge may take long, and a caller's thread serves others.
             let (mut purged, expired_files) = self
                 .committer

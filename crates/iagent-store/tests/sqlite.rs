@@ -350,6 +350,72 @@ fn echoed(msg_id: &str, at_ms: i64) -> Completion {
     completion("shop", msg_id, &response, vec![entry])
 }
 
+/// A data directory serves one store at a time: a second is refused, naming the directory,
+/// while one opened shared administers apps beside it and refuses what relies on the serving
+/// store's tails. A store dropped has committed everything and let go of the directory, its
+/// writer thread's merges included: the next opens at once and finds every record.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_data_directory_serves_one_store_at_a_time() {
+    let dir = tempfile::tempdir().unwrap();
+    // A merge after every commit, so that the writer thread has work when the store goes.
+    let options = Options {
+        dedup_merge_rows: 1,
+        history_merge_rows: 1,
+        ..Options::default()
+    };
+    let store = Arc::new(SqliteStore::open(dir.path(), options).unwrap());
+    match SqliteStore::open(dir.path(), options) {
+        Err(err @ StoreError::InUse(_)) => {
+            assert!(err.to_string().contains(&dir.path().display().to_string()));
+        }
+        other => panic!("a second serving store: {other:?}"),
+    }
+
+    let shared = SqliteStore::open_shared(dir.path(), options).unwrap();
+    let (_, token) = shared.create_app("shop", NOW).await.unwrap();
+    let app = store.app_for_token(token.expose()).await.unwrap();
+    assert_eq!(app.map(|app| app.name).as_deref(), Some("shop"));
+    let refused = [
+        shared.record(echoed("m0", NOW), NOW).await.err(),
+        shared.claim("shop", "m0", "m".into(), NOW).await.err(),
+        shared.complete(echoed("m0", NOW)).await.err(),
+        shared.append_history("shop", vec![]).await.err(),
+        shared.history("shop", "c", 10).await.err(),
+        shared.defer("shop", "m0", "echo", NOW).await.err(),
+        shared
+            .purge(PurgeBefore {
+                dedup: NOW,
+                history: NOW,
+                outbox: NOW,
+                files: NOW,
+            })
+            .await
+            .err(),
+    ];
+    for (n, refusal) in refused.into_iter().enumerate() {
+        assert!(
+            matches!(refusal, Some(StoreError::Shared)),
+            "{n}: {refusal:?}"
+        );
+    }
+    drop(shared);
+
+    let mut writes = JoinSet::new();
+    for n in 0..200 {
+        let store = Arc::clone(&store);
+        writes.spawn(async move { store.record(echoed(&format!("m{n}"), NOW), NOW).await });
+    }
+    while let Some(written) = writes.join_next().await {
+        assert_eq!(written.unwrap().unwrap(), Claim::New);
+    }
+    drop(Arc::into_inner(store).expect("the last handle"));
+
+    let reopened = SqliteStore::open(dir.path(), options).expect("the directory is free");
+    for n in [0, 99, 199] {
+        assert_echo_answered(&reopened, &format!("m{n}")).await;
+    }
+}
+
 /// Asserts that a resend of `msg_id` gets the response [`echoed`] stored for it.
 async fn assert_echo_answered(store: &SqliteStore, msg_id: &str) {
     let again = store

@@ -49,7 +49,7 @@ pub(crate) enum AppCommand {
 }
 
 pub(crate) fn open(data: &std::path::Path) -> anyhow::Result<SqliteStore> {
-    SqliteStore::open(data, iagent_store::Options::default())
+    SqliteStore::open_shared(data, iagent_store::Options::default())
         .with_context(|| format!("cannot open the store in {}", data.display()))
 }
 

@@ -162,6 +162,45 @@ fn first_start_prints_a_token_and_a_command_that_gets_a_reply() {
     );
 }
 
+/// A data directory serves one gateway: a second `serve` on it is refused at once, naming the
+/// directory, while app commands still work beside the first, whose clients get replies on a
+/// token made meanwhile. Once the first has stopped, the directory serves again.
+#[test]
+fn a_second_gateway_on_one_data_directory_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().to_str().unwrap();
+    let (mut first, url, _) = first_start(dir.path());
+
+    let second = Command::new(BIN)
+        .args(["serve", "--listen", "127.0.0.1:0", "--data", data])
+        .env("IAGENT_LOG", "warn")
+        .output()
+        .expect("iagent runs");
+    assert!(!second.status.success());
+    let refusal = String::from_utf8_lossy(&second.stderr);
+    assert!(
+        refusal.contains("another gateway is serving from the data directory")
+            && refusal.contains(data),
+        "{refusal}"
+    );
+    assert!(
+        second.stdout.is_empty(),
+        "nothing is printed, no token above all"
+    );
+
+    let token = stdout(&iagent(&["app", "create", "shop", "--data", data]))
+        .trim()
+        .to_owned();
+    let reply = iagent(&["send", "--url", &url, "--token", &token, "beside"]);
+    assert_eq!(stdout(&reply).trim(), "beside");
+    assert!(terminate(&mut first).success());
+
+    let mut again = serve(dir.path());
+    let mut err = Lines::of(again.stderr.take().unwrap());
+    err.wait_for("serving");
+    assert!(terminate(&mut again).success());
+}
+
 #[test]
 fn app_commands_print_tokens_and_nothing_else() {
     let dir = tempfile::tempdir().unwrap();
