@@ -174,11 +174,48 @@ impl OutboxState {
 /// of it, seeded at random per process, and every map is bounded by an in-flight limit.
 type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
+/// The connections a message came in on while it was processed: where its response goes.
+///
+/// A backend that loses a connection resends what it has unanswered on another one, and the
+/// gateway may read those frames in any order across connections: a resend written before
+/// the connection was dropped can arrive after the one the backend now waits on. A response
+/// written to a connection its backend has dropped is lost without the gateway knowing (the
+/// write succeeds into the socket's buffer), so the response goes to every one of these
+/// connections still open, not only to the one read last; backends key responses by
+/// `ref_msg_id` and ignore a second one (`docs/protocol.md`). At most one entry per
+/// connection of the app, so bounded by its connection limit.
+#[derive(Debug, Clone)]
+pub(crate) struct Origins {
+    /// The connection the message was read on last.
+    pub(crate) last: ConnId,
+    /// The other connections it was read on, oldest first; empty unless it was resent on
+    /// another connection while in processing.
+    pub(crate) earlier: Vec<ConnId>,
+}
+
+impl Origins {
+    fn new(conn: ConnId) -> Self {
+        Self {
+            last: conn,
+            earlier: Vec::new(),
+        }
+    }
+
+    /// The message was read again, on `conn`.
+    fn resent_on(&mut self, conn: ConnId) {
+        if conn != self.last {
+            self.earlier.retain(|&earlier| earlier != conn);
+            self.earlier.push(self.last);
+            self.last = conn;
+        }
+    }
+}
+
 /// A message being processed.
 #[derive(Debug)]
 struct Pending {
-    /// Where its response goes: the connection it came in on, or the one that resent it last.
-    origin: ConnId,
+    /// Where its response goes.
+    origins: Origins,
     /// Its sender, whose count in [`InFlight::by_sender`] it holds.
     sender: String,
 }
@@ -215,8 +252,9 @@ pub(crate) struct Deferred {
     pub(crate) message: Message,
     /// The agent that deferred; only it may push the reply.
     pub(crate) agent: String,
-    /// Where the reply goes: the connection the message came in on or was last resent on.
-    pub(crate) origin: Option<ConnId>,
+    /// Where the reply goes; `None` for a message restored at start-up, which came in on a
+    /// connection of an earlier process.
+    pub(crate) origins: Option<Origins>,
     /// When it is answered with 50 instead, in ms since the Unix epoch.
     pub(crate) until_ms: i64,
 }
@@ -392,11 +430,14 @@ impl AppState {
         {
             let mut in_flight = lock(&self.in_flight);
             if let Some(known) = in_flight.by_msg.get_mut(&job.message.msg_id) {
-                known.origin = origin;
+                known.origins.resent_on(origin);
                 return (Begin::Duplicate, None);
             }
             if let Some(waiting) = in_flight.deferred.get_mut(&job.message.msg_id) {
-                waiting.origin = Some(origin);
+                match &mut waiting.origins {
+                    Some(origins) => origins.resent_on(origin),
+                    None => waiting.origins = Some(Origins::new(origin)),
+                }
                 return (Begin::Duplicate, None);
             }
             if in_flight.by_msg.len() >= limits.per_app {
@@ -411,7 +452,7 @@ impl AppState {
                 _ => return (Begin::SenderBusy(Box::new(job)), None),
             }
             let pending = Pending {
-                origin,
+                origins: Origins::new(origin),
                 sender: sender.clone(),
             };
             in_flight.by_msg.insert(job.message.msg_id.clone(), pending);
@@ -445,10 +486,10 @@ impl AppState {
     }
 
     /// Ends a message's time in flight; returns where its response goes.
-    pub(crate) fn finish(&self, msg_id: &str) -> Option<ConnId> {
+    pub(crate) fn finish(&self, msg_id: &str) -> Option<Origins> {
         lock(&self.in_flight)
             .finish(msg_id)
-            .map(|pending| pending.origin)
+            .map(|pending| pending.origins)
     }
 
     /// Moves a message from processing to waiting for its pushed reply; `false` (and nothing
@@ -458,13 +499,13 @@ impl AppState {
         if in_flight.deferred.len() >= max {
             return false;
         }
-        let origin = in_flight
+        let origins = in_flight
             .finish(&message.msg_id)
-            .map(|pending| pending.origin);
+            .map(|pending| pending.origins);
         let deferred = Deferred {
             message: message.clone(),
             agent: agent.to_owned(),
-            origin,
+            origins,
             until_ms,
         };
         in_flight.deferred.insert(message.msg_id.clone(), deferred);
@@ -554,7 +595,22 @@ impl Apps {
 
 #[cfg(test)]
 mod tests {
-    use super::Transit;
+    use super::{Origins, Transit};
+
+    /// Each connection is named once, the one read last apart from the rest, whatever order
+    /// and how often the resends come in.
+    #[test]
+    fn origins_name_each_connection_once_the_last_read_apart() {
+        let mut origins = Origins::new(1);
+        origins.resent_on(1);
+        assert_eq!((origins.last, origins.earlier.clone()), (1, vec![]));
+        for conn in [2, 3, 2, 2] {
+            origins.resent_on(conn);
+        }
+        assert_eq!((origins.last, origins.earlier.clone()), (2, vec![1, 3]));
+        origins.resent_on(1);
+        assert_eq!((origins.last, origins.earlier), (1, vec![3, 2]));
+    }
 
     #[test]
     fn an_entry_removed_during_a_read_is_not_sent_again_by_that_read() {

@@ -109,9 +109,9 @@ async fn process(gateway: &Arc<Gateway>, app: &Arc<AppState>, job: Job) {
     if frame.as_ref().is_some_and(|frame| frame.answered_here) {
         gateway.metrics.observe_latency(received.elapsed());
     }
-    let origin = app.finish(&message.msg_id);
+    let origins = app.finish(&message.msg_id);
     if let Some(frame) = frame {
-        delivery::deliver(gateway, app, frame.text.into(), origin).await;
+        delivery::deliver_answer(gateway, app, frame.text.into(), origins).await;
     }
     drop(permit);
 }
@@ -381,7 +381,7 @@ pub(crate) async fn answer_deferred(
         &response,
     )
     .await;
-    delivery::deliver(gateway, app, frame.into(), deferred.origin).await;
+    delivery::deliver_answer(gateway, app, frame.into(), deferred.origins).await;
 }
 
 /// The agent's answer to `message`: 0 with the reply, 10 with the strategy's or the agent's

@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 
-use crate::apps::{AppState, ConnId};
+use crate::apps::{AppState, ConnId, Origins};
 use crate::gateway::Gateway;
 use crate::ids::now_ms;
 use crate::session::Outbound;
@@ -42,6 +42,33 @@ pub(crate) async fn deliver(
     if let Outbound::Response(frame) | Outbound::Outboxed { frame, .. } = item {
         to_outbox(gateway, app, frame).await;
     }
+}
+
+/// Routes the response of a message that came in on `origins` (`None`: on a connection of an
+/// earlier process): a copy to each connection it came in on before the last that is still
+/// open, then the frame itself as [`deliver`] routes it from the last (see [`Origins`]).
+pub(crate) async fn deliver_answer(
+    gateway: &Arc<Gateway>,
+    app: &Arc<AppState>,
+    frame: Utf8Bytes,
+    origins: Option<Origins>,
+) {
+    let Some(Origins { last, earlier }) = origins else {
+        return deliver(gateway, app, frame, None).await;
+    };
+    for member in earlier.into_iter().filter_map(|id| app.member(id)) {
+        // A copy: should this connection have closed meanwhile, the frame still goes to the
+        // last one, or on from there.
+        if member
+            .frames
+            .send(Outbound::Response(frame.clone()))
+            .await
+            .is_ok()
+        {
+            app.counters.copies.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+    deliver(gateway, app, frame, Some(last)).await;
 }
 
 /// Stores a response in the app's outbox, and starts a drain if a connection has opened since.

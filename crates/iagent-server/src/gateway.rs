@@ -202,7 +202,7 @@ async fn load_apps(gateway: &Gateway) -> Result<(), StoreError> {
         let deferred = Deferred {
             message,
             agent: waiting.agent,
-            origin: None,
+            origins: None,
             until_ms: waiting.until_ms,
         };
         app.restore_deferred(deferred);

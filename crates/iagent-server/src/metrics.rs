@@ -26,6 +26,8 @@ pub(crate) struct AppCounters {
     pub(crate) duplicates: AtomicU64,
     pub(crate) outbox_expired: AtomicU64,
     pub(crate) rerouted: AtomicU64,
+    /// Copies of responses sent to the other connections their message came in on.
+    pub(crate) copies: AtomicU64,
     pub(crate) connections_refused: AtomicU64,
     pub(crate) pushed: AtomicU64,
 }
@@ -161,6 +163,15 @@ impl Metrics {
             &mut apps
                 .iter()
                 .map(|a| (app_label(a), load(&a.counters.rerouted))),
+        );
+        family(
+            "iagent_response_copies_total",
+            "counter",
+            "Copies of responses sent to another open connection their message was resent on \
+             while it was processed, besides the response itself, per app.",
+            &mut apps
+                .iter()
+                .map(|a| (app_label(a), load(&a.counters.copies))),
         );
         family(
             "iagent_outbox_depth",

@@ -235,7 +235,8 @@ async fn a_resent_msg_id_is_answered_again_without_a_second_agent_call() {
         "the stored response is sent again as it was"
     );
 
-    // Resent while still in flight: its one response follows, on the connection that resent it.
+    // Resent while still in flight: processed once, and its response goes to both connections
+    // it came in on, since the gateway cannot know which of them the backend still reads.
     gateway.store.hold("busy");
     first.send(&private("busy", "bob", "working")).await;
     gateway
@@ -246,7 +247,9 @@ async fn a_resent_msg_id_is_answered_again_without_a_second_agent_call() {
         .wait_for_metric("iagent_duplicates_total{app=\"app1\"}", 2)
         .await;
     gateway.store.release("busy");
-    assert_response(&second.recv().await, "busy", 0);
+    let answered = second.recv().await;
+    assert_response(&answered, "busy", 0);
+    assert_eq!(first.recv().await, answered, "the same response, copied");
 
     assert_eq!(gateway.store.completions("once"), 1);
     assert_eq!(gateway.store.completions("busy"), 1);
@@ -256,8 +259,61 @@ async fn a_resent_msg_id_is_answered_again_without_a_second_agent_call() {
             .await,
         2
     );
-    // The connection that sent "busy" first got nothing for it: one response per message.
-    assert_response(&first.ask(&private("ping", "carol", "x")).await, "ping", 0);
+    assert_eq!(
+        gateway
+            .metric("iagent_response_copies_total{app=\"app1\"}")
+            .await,
+        1
+    );
+    gateway.stop().await;
+}
+
+/// A backend that lost a connection resends on another, and the gateway may read a resend
+/// written earlier, on a connection the backend has since abandoned, after the one the backend
+/// now waits on. The response reaches the connection the backend waits on all the same.
+#[tokio::test]
+async fn a_resend_read_late_on_an_abandoned_connection_does_not_take_the_response() {
+    let gateway = TestGateway::start().await;
+    let mut first = gateway.connect().await;
+    let mut abandoned = gateway.connect().await;
+    let mut current = gateway.connect().await;
+    gateway
+        .wait_for_metric("iagent_connections{app=\"app1\"}", 3)
+        .await;
+
+    gateway.store.hold("late");
+    first.send(&private("late", "dave", "hello")).await;
+    gateway
+        .wait_for_metric("iagent_in_flight{app=\"app1\"}", 1)
+        .await;
+    current.send(&private("late", "dave", "hello")).await;
+    gateway
+        .wait_for_metric("iagent_duplicates_total{app=\"app1\"}", 1)
+        .await;
+    // Read after the resend the backend waits on: the gateway's last word on the message.
+    abandoned.send(&private("late", "dave", "hello")).await;
+    gateway
+        .wait_for_metric("iagent_duplicates_total{app=\"app1\"}", 2)
+        .await;
+    gateway.store.release("late");
+
+    let answered = current.recv().await;
+    assert_response(&answered, "late", 0);
+    assert_eq!(answered["content"], "hello");
+    assert_eq!(abandoned.recv().await, answered);
+    assert_eq!(first.recv().await, answered);
+    assert_eq!(gateway.store.completions("late"), 1, "processed once");
+    assert_eq!(
+        gateway
+            .metric("iagent_response_copies_total{app=\"app1\"}")
+            .await,
+        2
+    );
+    // Nothing more for it on any connection: the next frame each reads is its own answer.
+    for (client, n) in [(&mut first, 1), (&mut abandoned, 2), (&mut current, 3)] {
+        let id = format!("next-{n}");
+        assert_response(&client.ask(&private(&id, "erin", "x")).await, &id, 0);
+    }
     gateway.stop().await;
 }
 
