@@ -182,8 +182,8 @@ type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 /// written to a connection its backend has dropped is lost without the gateway knowing (the
 /// write succeeds into the socket's buffer), so the response goes to every one of these
 /// connections still open, not only to the one read last; backends key responses by
-/// `ref_msg_id` and ignore a second one (`docs/protocol.md`). At most one entry per
-/// connection of the app, so bounded by its connection limit.
+/// `ref_msg_id` and ignore a second one (`docs/protocol.md`). Connections that have closed are
+/// let go at each resend, so it names at most the app's open connections.
 #[derive(Debug, Clone)]
 pub(crate) struct Origins {
     /// The connection the message was read on last.
@@ -201,12 +201,13 @@ impl Origins {
         }
     }
 
-    /// The message was read again, on `conn`.
-    fn resent_on(&mut self, conn: ConnId) {
+    /// The message was read again, on `conn`; `open` says which connections are still open.
+    fn resent_on(&mut self, conn: ConnId, open: impl Fn(ConnId) -> bool) {
         if conn != self.last {
-            self.earlier.retain(|&earlier| earlier != conn);
-            self.earlier.push(self.last);
-            self.last = conn;
+            let last = std::mem::replace(&mut self.last, conn);
+            self.earlier.push(last);
+            self.earlier
+                .retain(|&earlier| earlier != conn && open(earlier));
         }
     }
 }
@@ -386,6 +387,11 @@ impl AppState {
         lock(&self.pool).retain(|member| member.id != id);
     }
 
+    /// Whether connection `id` is open.
+    fn is_open(&self, id: ConnId) -> bool {
+        lock(&self.pool).iter().any(|member| member.id == id)
+    }
+
     /// Open connections, counted by their places in the connection limit: a connection counts
     /// until it has finished closing, so a place frees exactly when the count drops.
     pub(crate) fn connection_count(&self) -> usize {
@@ -429,13 +435,15 @@ impl AppState {
     ) -> (Begin, Option<ConversationKey>) {
         {
             let mut in_flight = lock(&self.in_flight);
+            // The pool's lock is never held while this one is taken.
+            let open = |id| self.is_open(id);
             if let Some(known) = in_flight.by_msg.get_mut(&job.message.msg_id) {
-                known.origins.resent_on(origin);
+                known.origins.resent_on(origin, open);
                 return (Begin::Duplicate, None);
             }
             if let Some(waiting) = in_flight.deferred.get_mut(&job.message.msg_id) {
                 match &mut waiting.origins {
-                    Some(origins) => origins.resent_on(origin),
+                    Some(origins) => origins.resent_on(origin, open),
                     None => waiting.origins = Some(Origins::new(origin)),
                 }
                 return (Begin::Duplicate, None);
@@ -597,19 +605,22 @@ impl Apps {
 mod tests {
     use super::{Origins, Transit};
 
-    /// Each connection is named once, the one read last apart from the rest, whatever order
-    /// and how often the resends come in.
+    /// Each open connection is named once, the one read last apart from the rest, whatever
+    /// order and how often the resends come in; closed ones are let go.
     #[test]
-    fn origins_name_each_connection_once_the_last_read_apart() {
+    fn origins_name_each_open_connection_once_the_last_read_apart() {
+        let all_open = |_| true;
         let mut origins = Origins::new(1);
-        origins.resent_on(1);
+        origins.resent_on(1, all_open);
         assert_eq!((origins.last, origins.earlier.clone()), (1, vec![]));
         for conn in [2, 3, 2, 2] {
-            origins.resent_on(conn);
+            origins.resent_on(conn, all_open);
         }
         assert_eq!((origins.last, origins.earlier.clone()), (2, vec![1, 3]));
-        origins.resent_on(1);
-        assert_eq!((origins.last, origins.earlier), (1, vec![3, 2]));
+        origins.resent_on(1, all_open);
+        assert_eq!((origins.last, origins.earlier.clone()), (1, vec![3, 2]));
+        origins.resent_on(4, |conn| conn != 3 && conn != 1);
+        assert_eq!((origins.last, origins.earlier), (4, vec![2]));
     }
 
     #[test]
