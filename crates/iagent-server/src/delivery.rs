@@ -8,7 +8,7 @@ use std::sync::atomic::Ordering;
 use axum::extract::ws::Utf8Bytes;
 use tokio::sync::mpsc::error::{SendError, TrySendError};
 
-use crate::apps::{AppState, ConnId, Origins};
+use crate::apps::{AppState, ConnId, Origins, PoolMember};
 use crate::gateway::Gateway;
 use crate::ids::now_ms;
 use crate::session::Outbound;
@@ -45,8 +45,9 @@ pub(crate) async fn deliver(
 }
 
 /// Routes the response of a message that came in on `origins` (`None`: on a connection of an
-/// earlier process): a copy to each connection it came in on before the last that is still
-/// open, then the frame itself as [`deliver`] routes it from the last (see [`Origins`]).
+/// earlier process): to the open one it was read on last, with a copy to each other open one
+/// (see [`Origins`]); with none of them open, as [`deliver`] routes a response whose origin
+/// is gone. Each connection gets it once.
 pub(crate) async fn deliver_answer(
     gateway: &Arc<Gateway>,
     app: &Arc<AppState>,
@@ -56,9 +57,17 @@ pub(crate) async fn deliver_answer(
     let Some(Origins { last, earlier }) = origins else {
         return deliver(gateway, app, frame, None).await;
     };
-    for member in earlier.into_iter().filter_map(|id| app.member(id)) {
+    let mut open: Vec<PoolMember> = earlier
+        .into_iter()
+        .chain([last])
+        .filter_map(|id| app.member(id))
+        .collect();
+    let Some(main) = open.pop() else {
+        return deliver(gateway, app, frame, Some(last)).await;
+    };
+    for member in open {
         // A copy: should this connection have closed meanwhile, the frame still goes to the
-        // last one, or on from there.
+        // main one, or on from there.
         if member
             .frames
             .send(Outbound::Response(frame.clone()))
@@ -68,7 +77,7 @@ pub(crate) async fn deliver_answer(
             app.counters.copies.fetch_add(1, Ordering::Relaxed);
         }
     }
-    deliver(gateway, app, frame, Some(last)).await;
+    deliver(gateway, app, frame, Some(main.id)).await;
 }
 
 /// Stores a response in the app's outbox, and starts a drain if a connection has opened since.

@@ -268,6 +268,47 @@ async fn a_resent_msg_id_is_answered_again_without_a_second_agent_call() {
     gateway.stop().await;
 }
 
+/// When the connection a message was read on last has closed, an earlier one still open gets
+/// the response, once: it is not both copied there and rerouted there.
+#[tokio::test]
+async fn with_the_last_connection_closed_an_earlier_one_gets_the_response_once() {
+    let gateway = TestGateway::start().await;
+    let mut first = gateway.connect().await;
+    let mut second = gateway.connect().await;
+    gateway
+        .wait_for_metric("iagent_connections{app=\"app1\"}", 2)
+        .await;
+
+    gateway.store.hold("left");
+    first.send(&private("left", "frank", "hello")).await;
+    gateway
+        .wait_for_metric("iagent_in_flight{app=\"app1\"}", 1)
+        .await;
+    second.send(&private("left", "frank", "hello")).await;
+    gateway
+        .wait_for_metric("iagent_duplicates_total{app=\"app1\"}", 1)
+        .await;
+    second.close().await;
+    gateway
+        .wait_for_metric("iagent_connections{app=\"app1\"}", 1)
+        .await;
+    gateway.store.release("left");
+
+    assert_response(&first.recv().await, "left", 0);
+    assert_response(
+        &first.ask(&private("after", "frank", "x")).await,
+        "after",
+        0,
+    );
+    assert_eq!(
+        gateway
+            .metric("iagent_response_copies_total{app=\"app1\"}")
+            .await,
+        0
+    );
+    gateway.stop().await;
+}
+
 /// A backend that lost a connection resends on another, and the gateway may read a resend
 /// written earlier, on a connection the backend has since abandoned, after the one the backend
 /// now waits on. The response reaches the connection the backend waits on all the same.
