@@ -8,8 +8,9 @@ mod common;
 
 use std::collections::HashSet;
 
-use common::{TestGateway, assert_response, group, private};
+use common::{Client, TestGateway, assert_response, group, private};
 use iagent_store::Store;
+use serde_json::Value;
 use serde_json::json;
 
 #[tokio::test]
@@ -220,6 +221,39 @@ async fn with_no_connection_open_the_response_waits_in_the_outbox() {
     gateway.stop().await;
 }
 
+/// Holds `message` in the store and sends it on each of `clients` in turn, waiting for the
+/// gateway to read each: the first into processing, the others as duplicates of it
+/// (`duplicates` is the app's count before). The message stays held.
+async fn send_held(
+    gateway: &TestGateway,
+    message: &Value,
+    clients: &mut [&mut Client],
+    duplicates: u64,
+) {
+    gateway
+        .store
+        .hold(message["msg_id"].as_str().expect("msg_id"));
+    for (n, client) in (0..).zip(clients.iter_mut()) {
+        client.send(message).await;
+        if n == 0 {
+            gateway
+                .wait_for_metric("iagent_in_flight{app=\"app1\"}", 1)
+                .await;
+        } else {
+            gateway
+                .wait_for_metric("iagent_duplicates_total{app=\"app1\"}", duplicates + n)
+                .await;
+        }
+    }
+}
+
+/// The app's count of response copies (see `delivery::deliver_answer`).
+async fn copies(gateway: &TestGateway) -> u64 {
+    gateway
+        .metric("iagent_response_copies_total{app=\"app1\"}")
+        .await
+}
+
 #[tokio::test]
 async fn a_resent_msg_id_is_answered_again_without_a_second_agent_call() {
     let gateway = TestGateway::start().await;
@@ -237,15 +271,8 @@ async fn a_resent_msg_id_is_answered_again_without_a_second_agent_call() {
 
     // Resent while still in flight: processed once, and its response goes to both connections
     // it came in on, since the gateway cannot know which of them the backend still reads.
-    gateway.store.hold("busy");
-    first.send(&private("busy", "bob", "working")).await;
-    gateway
-        .wait_for_metric("iagent_in_flight{app=\"app1\"}", 1)
-        .await;
-    second.send(&private("busy", "bob", "working")).await;
-    gateway
-        .wait_for_metric("iagent_duplicates_total{app=\"app1\"}", 2)
-        .await;
+    let busy = private("busy", "bob", "working");
+    send_held(&gateway, &busy, &mut [&mut first, &mut second], 1).await;
     gateway.store.release("busy");
     let answered = second.recv().await;
     assert_response(&answered, "busy", 0);
@@ -259,12 +286,7 @@ async fn a_resent_msg_id_is_answered_again_without_a_second_agent_call() {
             .await,
         2
     );
-    assert_eq!(
-        gateway
-            .metric("iagent_response_copies_total{app=\"app1\"}")
-            .await,
-        1
-    );
+    assert_eq!(copies(&gateway).await, 1);
     gateway.stop().await;
 }
 
@@ -279,15 +301,8 @@ async fn with_the_last_connection_closed_an_earlier_one_gets_the_response_once()
         .wait_for_metric("iagent_connections{app=\"app1\"}", 2)
         .await;
 
-    gateway.store.hold("left");
-    first.send(&private("left", "frank", "hello")).await;
-    gateway
-        .wait_for_metric("iagent_in_flight{app=\"app1\"}", 1)
-        .await;
-    second.send(&private("left", "frank", "hello")).await;
-    gateway
-        .wait_for_metric("iagent_duplicates_total{app=\"app1\"}", 1)
-        .await;
+    let left = private("left", "frank", "hello");
+    send_held(&gateway, &left, &mut [&mut first, &mut second], 0).await;
     second.close().await;
     gateway
         .wait_for_metric("iagent_connections{app=\"app1\"}", 1)
@@ -300,12 +315,7 @@ async fn with_the_last_connection_closed_an_earlier_one_gets_the_response_once()
         "after",
         0,
     );
-    assert_eq!(
-        gateway
-            .metric("iagent_response_copies_total{app=\"app1\"}")
-            .await,
-        0
-    );
+    assert_eq!(copies(&gateway).await, 0);
     gateway.stop().await;
 }
 
@@ -322,20 +332,16 @@ async fn a_resend_read_late_on_an_abandoned_connection_does_not_take_the_respons
         .wait_for_metric("iagent_connections{app=\"app1\"}", 3)
         .await;
 
-    gateway.store.hold("late");
-    first.send(&private("late", "dave", "hello")).await;
-    gateway
-        .wait_for_metric("iagent_in_flight{app=\"app1\"}", 1)
-        .await;
-    current.send(&private("late", "dave", "hello")).await;
-    gateway
-        .wait_for_metric("iagent_duplicates_total{app=\"app1\"}", 1)
-        .await;
-    // Read after the resend the backend waits on: the gateway's last word on the message.
-    abandoned.send(&private("late", "dave", "hello")).await;
-    gateway
-        .wait_for_metric("iagent_duplicates_total{app=\"app1\"}", 2)
-        .await;
+    // The abandoned connection's resend is read after the one the backend waits on: the
+    // gateway's last word on the message.
+    let late = private("late", "dave", "hello");
+    send_held(
+        &gateway,
+        &late,
+        &mut [&mut first, &mut current, &mut abandoned],
+        0,
+    )
+    .await;
     gateway.store.release("late");
 
     let answered = current.recv().await;
@@ -344,12 +350,7 @@ async fn a_resend_read_late_on_an_abandoned_connection_does_not_take_the_respons
     assert_eq!(abandoned.recv().await, answered);
     assert_eq!(first.recv().await, answered);
     assert_eq!(gateway.store.completions("late"), 1, "processed once");
-    assert_eq!(
-        gateway
-            .metric("iagent_response_copies_total{app=\"app1\"}")
-            .await,
-        2
-    );
+    assert_eq!(copies(&gateway).await, 2);
     // Nothing more for it on any connection: the next frame each reads is its own answer.
     for (client, n) in [(&mut first, 1), (&mut abandoned, 2), (&mut current, 3)] {
         let id = format!("next-{n}");
