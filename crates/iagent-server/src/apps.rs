@@ -387,11 +387,6 @@ impl AppState {
         lock(&self.pool).retain(|member| member.id != id);
     }
 
-    /// Whether connection `id` is open.
-    fn is_open(&self, id: ConnId) -> bool {
-        lock(&self.pool).iter().any(|member| member.id == id)
-    }
-
     /// Open connections, counted by their places in the connection limit: a connection counts
     /// until it has finished closing, so a place frees exactly when the count drops.
     pub(crate) fn connection_count(&self) -> usize {
@@ -436,7 +431,7 @@ impl AppState {
         {
             let mut in_flight = lock(&self.in_flight);
             // The pool's lock is never held while this one is taken.
-            let open = |id| self.is_open(id);
+            let open = |id| self.member(id).is_some();
             if let Some(known) = in_flight.by_msg.get_mut(&job.message.msg_id) {
                 known.origins.resent_on(origin, open);
                 return (Begin::Duplicate, None);

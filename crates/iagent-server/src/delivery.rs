@@ -57,6 +57,11 @@ pub(crate) async fn deliver_answer(
     let Some(Origins { last, earlier }) = origins else {
         return deliver(gateway, app, frame, None).await;
     };
+    // Nearly every message came in once: its response is routed as any, with no look-up of
+    // the pool and no list made here first.
+    if earlier.is_empty() {
+        return deliver(gateway, app, frame, Some(last)).await;
+    }
     let mut open: Vec<PoolMember> = earlier
         .into_iter()
         .chain([last])
