@@ -64,15 +64,28 @@ pub const WAL_AUTOCHECKPOINT: u32 = 10_000;
 /// none is parsed twice.
 const STATEMENT_CACHE_CAPACITY: usize = 64;
 
-/// The writer connection's page cache, by default, in MiB. The message path probes the dedup
-/// key table and merges into it and the conversation heads at places all over them; SQLite's
-/// own default (2 MiB) held too little of them, and each page it missed was a read from the
-/// operating system (measured: about 7% of the store's throughput). The cache fills only as
-/// pages are read. Larger is not free: while the database is under 1 GiB, SQLite walks the
-/// whole cache at each commit in which a B-tree split renumbered pages (its temporary number
-/// is the page past the 1 GiB lock byte), and at 256 MiB the gateway did 0.80x the round
-/// trips at saturation (BENCHMARKS.md).
-pub const DEFAULT_CACHE_MIB: usize = 64;
+/// The writer connection's page cache, by default, in MiB. With the database file mapped
+/// ([`DEFAULT_MMAP_MIB`]) it holds the pages a transaction writes, not the pages it reads:
+/// SQLite reads a page through the mapping wherever it only reads, and a page it misses is a
+/// copy from the mapping, not a system call. So it is small: while the database is under
+/// 1 GiB, SQLite walks the whole cache at each commit in which a B-tree split renumbered pages
+/// (its temporary number is the page past the 1 GiB lock byte), and that walk was 3% of the
+/// server's CPU at saturation with 64 MiB. It has room for the pages a merge slice dirties (up
+/// to two thousand), which SQLite would otherwise spill into the WAL before the commit. Without the mapping, a miss is a read from
+/// the operating system, and a larger cache pays (64 MiB did, before the mapping; at SQLite's
+/// 2 MiB the reads cost about 7% of the store's throughput).
+pub const DEFAULT_CACHE_MIB: usize = 8;
+
+/// How much of the database file, by default, in MiB, the writer connection reads through a
+/// memory mapping (`PRAGMA mmap_size`): at most 1 TiB, SQLite's build limit here
+/// (`.cargo/config.toml`). It is address space, not memory: the pages are the operating
+/// system's page cache of the file, which it shares with every reader and reclaims under
+/// pressure. The mapping follows the file's size; past it, pages are read with system calls
+/// into the page cache ([`DEFAULT_CACHE_MIB`]). Mapped, with the page cache at 8 MiB, the
+/// gateway did 1.08x the round trips at saturation over eight pairs of runs, its writer thread
+/// 0.88x the CPU per message; mapped with the 64 MiB cache, it did no better than unmapped
+/// (`BENCHMARKS.md`).
+pub const DEFAULT_MMAP_MIB: usize = 65_536;
 
 /// What a commit survives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -99,6 +112,9 @@ pub struct Options {
     pub dedup_merge_rows: usize,
     /// The most memory, in MiB, the database's page cache takes (see [`DEFAULT_CACHE_MIB`]).
     pub cache_mib: usize,
+    /// The most of the database file, in MiB, read through a memory mapping; 0 reads it all
+    /// with system calls (see [`DEFAULT_MMAP_MIB`]).
+    pub mmap_mib: usize,
     /// How many jobs the store takes at once (see [`DEFAULT_QUEUE_CAPACITY`]); at least one.
     pub queue_capacity: usize,
 }
@@ -110,6 +126,7 @@ impl Default for Options {
             history_merge_rows: DEFAULT_HISTORY_MERGE_ROWS,
             dedup_merge_rows: DEFAULT_DEDUP_MERGE_ROWS,
             cache_mib: DEFAULT_CACHE_MIB,
+            mmap_mib: DEFAULT_MMAP_MIB,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
         }
     }
@@ -314,6 +331,8 @@ fn configure(conn: &Connection, options: &Options) -> Result<()> {
     // In KiB when negative.
     let cache_kib = i64::try_from(options.cache_mib.saturating_mul(1024)).unwrap_or(i64::MAX);
     conn.pragma_update(None, "cache_size", -cache_kib)?;
+    let mmap_bytes = i64::try_from(options.mmap_mib.saturating_mul(1 << 20)).unwrap_or(i64::MAX);
+    conn.pragma_update(None, "mmap_size", mmap_bytes)?;
     // A batch with a failing job runs again with a savepoint per job, and a merge's inserts of
     // many rows each keep a statement journal: both journals (the pages changed, as they were)
     // would otherwise be temporary files written with a syscall per page.
@@ -1129,5 +1148,43 @@ impl Store for SqliteStore {
             }
             Ok(None)
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What the connection runs with, as SQLite reports it: `(cache_size, mmap_size)`.
+    fn cache_and_mapping(options: &Options) -> (i64, i64) {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let conn = Connection::open(dir.path().join(DATABASE_FILE)).expect("opens");
+        configure(&conn, options).expect("configures");
+        let pragma = |name: &str| {
+            conn.query_row(&format!("PRAGMA {name}"), [], |row| row.get(0))
+                .expect("reads the pragma")
+        };
+        (pragma("cache_size"), pragma("mmap_size"))
+    }
+
+    /// The mapping is as large as configured, past SQLite's default build limit of just under
+    /// 2 GiB, which would otherwise cap it silently (`.cargo/config.toml`); 0 turns it off.
+    #[test]
+    fn the_page_cache_and_the_mapping_are_as_configured() {
+        let options = Options {
+            cache_mib: 3,
+            mmap_mib: 4096,
+            ..Options::default()
+        };
+        assert_eq!(cache_and_mapping(&options), (-3 * 1024, 4096 << 20));
+        let unmapped = Options {
+            mmap_mib: 0,
+            ..options
+        };
+        assert_eq!(cache_and_mapping(&unmapped), (-3 * 1024, 0));
+        assert_eq!(
+            cache_and_mapping(&Options::default()).1,
+            i64::try_from(DEFAULT_MMAP_MIB << 20).expect("fits")
+        );
     }
 }

@@ -51,6 +51,7 @@ struct Serve {
     history_merge_rows: usize,
     dedup_merge_rows: usize,
     store_cache_mib: usize,
+    store_mmap_mib: usize,
     store_queue: usize,
 }
 
@@ -65,6 +66,7 @@ impl Default for Serve {
             history_merge_rows: iagent_store::DEFAULT_HISTORY_MERGE_ROWS,
             dedup_merge_rows: iagent_store::DEFAULT_DEDUP_MERGE_ROWS,
             store_cache_mib: iagent_store::DEFAULT_CACHE_MIB,
+            store_mmap_mib: iagent_store::DEFAULT_MMAP_MIB,
             store_queue: iagent_store::DEFAULT_QUEUE_CAPACITY,
         }
     }
@@ -115,6 +117,7 @@ impl Settings {
                 history_merge_rows: file.serve.history_merge_rows,
                 dedup_merge_rows: file.serve.dedup_merge_rows,
                 cache_mib: file.serve.store_cache_mib,
+                mmap_mib: file.serve.store_mmap_mib,
                 queue_capacity: file.serve.store_queue,
             },
             server: file.server,
@@ -147,8 +150,15 @@ const COMMENTS: &[(&str, &str)] = &[
     ),
     (
         "store_cache_mib",
-        "Most memory, in MiB, the database's page cache takes. At it: the least recently used\n\
-         pages are dropped, and read again from the operating system when next needed.",
+        "Most memory, in MiB, the database's page cache takes: the pages a transaction writes,\n\
+         and those read past store_mmap_mib. At it: the least recently used pages are dropped,\n\
+         and read again from the mapping (or the operating system) when next needed.",
+    ),
+    (
+        "store_mmap_mib",
+        "Most of the database file, in MiB, read through a memory mapping (address space: the\n\
+         pages are the operating system's file cache); 0 turns it off. Past it: pages are read\n\
+         with system calls into the page cache.",
     ),
     (
         "store_queue",
@@ -412,7 +422,7 @@ mod tests {
         std::fs::write(
             &path,
             "[serve]\ndurability = \"power\"\nhistory_merge_rows = 7\ndedup_merge_rows = 9\n\
-             store_cache_mib = 3\nstore_queue = 5\n",
+             store_cache_mib = 3\nstore_mmap_mib = 11\nstore_queue = 5\n",
         )
         .expect("write");
         let store = Settings::load(Some(&path), None, None)
@@ -425,6 +435,7 @@ mod tests {
                 history_merge_rows: 7,
                 dedup_merge_rows: 9,
                 cache_mib: 3,
+                mmap_mib: 11,
                 queue_capacity: 5,
             }
         );
