@@ -14,6 +14,7 @@ mod committer;
 mod dedup;
 mod directory_lock;
 mod history;
+mod key_filter;
 mod lock_wait;
 mod packed;
 mod writer;
@@ -27,6 +28,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 pub use dedup::DEFAULT_DEDUP_MERGE_ROWS;
 pub use directory_lock::LOCK_FILE;
 pub use history::{DEFAULT_HISTORY_MERGE_ROWS, HISTORY_MERGE_SLICE_ROWS};
+pub use key_filter::DEFAULT_DEDUP_FILTER_MIB;
 
 use self::committer::Committer;
 use self::dedup::Record;
@@ -115,6 +117,9 @@ pub struct Options {
     /// The most of the database file, in MiB, read through a memory mapping; 0 reads it all
     /// with system calls (see [`DEFAULT_MMAP_MIB`]).
     pub mmap_mib: usize,
+    /// The size, in MiB, of the filter that spares new keys their look-up in the dedup key
+    /// table; 0 turns it off (see [`DEFAULT_DEDUP_FILTER_MIB`]).
+    pub dedup_filter_mib: usize,
     /// How many jobs the store takes at once (see [`DEFAULT_QUEUE_CAPACITY`]); at least one.
     pub queue_capacity: usize,
 }
@@ -127,6 +132,7 @@ impl Default for Options {
             dedup_merge_rows: DEFAULT_DEDUP_MERGE_ROWS,
             cache_mib: DEFAULT_CACHE_MIB,
             mmap_mib: DEFAULT_MMAP_MIB,
+            dedup_filter_mib: DEFAULT_DEDUP_FILTER_MIB,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
         }
     }
@@ -181,7 +187,14 @@ impl SqliteStore {
         migrate(&conn)?;
         conn.execute_batch("COMMIT")?;
         let history = history::HistoryHeads::load(&conn, options.history_merge_rows)?;
-        let dedup = dedup::DedupKeys::load(&conn, options.dedup_merge_rows)?;
+        // A shared store records nothing, and looks no key up.
+        let filter_mib = if lock.is_some() {
+            options.dedup_filter_mib
+        } else {
+            0
+        };
+        let filter = key_filter::KeyFilter::new(&path, filter_mib);
+        let dedup = dedup::DedupKeys::load(&conn, options.dedup_merge_rows, filter)?;
         let database = Database {
             conn,
             history,

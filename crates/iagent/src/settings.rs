@@ -50,6 +50,7 @@ struct Serve {
     durability: DurabilitySetting,
     history_merge_rows: usize,
     dedup_merge_rows: usize,
+    dedup_filter_mib: usize,
     store_cache_mib: usize,
     store_mmap_mib: usize,
     store_queue: usize,
@@ -65,6 +66,7 @@ impl Default for Serve {
             durability: DurabilitySetting::Process,
             history_merge_rows: iagent_store::DEFAULT_HISTORY_MERGE_ROWS,
             dedup_merge_rows: iagent_store::DEFAULT_DEDUP_MERGE_ROWS,
+            dedup_filter_mib: iagent_store::DEFAULT_DEDUP_FILTER_MIB,
             store_cache_mib: iagent_store::DEFAULT_CACHE_MIB,
             store_mmap_mib: iagent_store::DEFAULT_MMAP_MIB,
             store_queue: iagent_store::DEFAULT_QUEUE_CAPACITY,
@@ -116,6 +118,7 @@ impl Settings {
                 },
                 history_merge_rows: file.serve.history_merge_rows,
                 dedup_merge_rows: file.serve.dedup_merge_rows,
+                dedup_filter_mib: file.serve.dedup_filter_mib,
                 cache_mib: file.serve.store_cache_mib,
                 mmap_mib: file.serve.store_mmap_mib,
                 queue_capacity: file.serve.store_queue,
@@ -147,6 +150,12 @@ const COMMENTS: &[(&str, &str)] = &[
         "dedup_merge_rows",
         "Dedup rows whose keys are held in memory before they are merged into the database's\n\
          key table. At it: one merge, which delays the next store commit by its length.",
+    ),
+    (
+        "dedup_filter_mib",
+        "Memory, in MiB, of the filter that spares a new msg_id its look-up in the key table\n\
+         (about 6.7 million keys at 8); 0 turns it off. Past its keys: more msg_ids are looked\n\
+         up, none is missed.",
     ),
     (
         "store_cache_mib",
@@ -422,7 +431,7 @@ mod tests {
         std::fs::write(
             &path,
             "[serve]\ndurability = \"power\"\nhistory_merge_rows = 7\ndedup_merge_rows = 9\n\
-             store_cache_mib = 3\nstore_mmap_mib = 11\nstore_queue = 5\n",
+             dedup_filter_mib = 13\nstore_cache_mib = 3\nstore_mmap_mib = 11\nstore_queue = 5\n",
         )
         .expect("write");
         let store = Settings::load(Some(&path), None, None)
@@ -436,6 +445,7 @@ mod tests {
                 dedup_merge_rows: 9,
                 cache_mib: 3,
                 mmap_mib: 11,
+                dedup_filter_mib: 13,
                 queue_capacity: 5,
             }
         );

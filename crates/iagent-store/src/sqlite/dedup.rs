@@ -13,7 +13,8 @@
 //! `message_keys` a slice at a time ([`DEDUP_MERGE_SLICE_ROWS`]), in key order, so that the
 //! keys of one sender land together: each page is written once for many keys, and no slice
 //! holds up the writer for long. A `msg_id` is looked up in the tail, which
-//! keeps a run's keys until the whole run is written, then in `message_keys`.
+//! keeps a run's keys until the whole run is written, then in `message_keys`, unless the
+//! filter of the table's keys rules it out ([`super::key_filter`]).
 //!
 //! Tail and run are derived state: whenever their agreement with the database is in doubt (a
 //! rollback, a purge reaching past the watermark) they are read back from the rows after the
@@ -39,6 +40,7 @@ use rusqlite::{Connection, OptionalExtension, ToSql, params};
 use super::KeyMap;
 use super::bulk;
 use super::chunks;
+use super::key_filter::KeyFilter;
 use crate::Result;
 
 /// How many dedup rows are appended, by default, before their keys are written into
@@ -138,15 +140,21 @@ impl Assumed {
     /// (a batch's are nearly always of one app): a list of `msg_id`s, each of which is then
     /// searched for on the table's primary key. Written `msg_id IN (...)`, the list was first
     /// copied into a B-tree of its own, which cost more than the searches.
-    pub(super) fn any_merged(&self, conn: &Connection) -> Result<bool> {
-        let mut apps: Vec<&str> = self.keys().map(|(app, _)| app).collect();
+    ///
+    /// Only the keys `filter` does not rule out are looked up: nearly always none.
+    pub(super) fn any_merged(&self, conn: &Connection, filter: &KeyFilter) -> Result<bool> {
+        let maybe: Vec<(&str, &str)> = self
+            .keys()
+            .filter(|&(app, msg_id)| filter.may_have(app, msg_id))
+            .collect();
+        let mut apps: Vec<&str> = maybe.iter().map(|&(app, _)| app).collect();
         apps.sort_unstable();
         apps.dedup();
         for app in apps {
-            let msg_ids: Vec<&str> = self
-                .keys()
-                .filter(|&(key_app, _)| key_app == app)
-                .map(|(_, msg_id)| msg_id)
+            let msg_ids: Vec<&str> = maybe
+                .iter()
+                .filter(|&&(key_app, _)| key_app == app)
+                .map(|&(_, msg_id)| msg_id)
                 .collect();
             let largest = LOOKED_UP_PER_STATEMENT[LOOKED_UP_PER_STATEMENT.len() - 1];
             for some in msg_ids.chunks(largest) {
@@ -349,6 +357,8 @@ pub(super) struct DedupKeys {
     next_id: i64,
     /// The keys being written into `message_keys`.
     run: Option<Run>,
+    /// What `message_keys` cannot have, so that a new key is not looked up there.
+    filter: KeyFilter,
 }
 
 /// One app's keys in the tail, by `msg_id`. Shared strings, so that a run takes the keys
@@ -497,7 +507,8 @@ fn order_of(bytes: &[u8]) -> u128 {
 
 impl DedupKeys {
     /// Reads the tail back from the rows and entries after the watermarks.
-    pub(super) fn load(conn: &Connection, merge_rows: usize) -> Result<Self> {
+    /// `filter` is built from the table from now on.
+    pub(super) fn load(conn: &Connection, merge_rows: usize, filter: KeyFilter) -> Result<Self> {
         let mut keys = Self {
             tail: KeyMap::default(),
             pending: Vec::new(),
@@ -509,9 +520,18 @@ impl DedupKeys {
             last_entry: 0,
             next_id: 1,
             run: None,
+            filter,
         };
         keys.reload(conn)?;
+        keys.filter.begin_build(std::iter::empty());
         Ok(keys)
+    }
+
+    /// What `message_keys` cannot have, with the build that was under way taken in if it is
+    /// done.
+    pub(super) fn filter(&mut self) -> &KeyFilter {
+        self.filter.poll();
+        &self.filter
     }
 
     /// Replaces the tail with what the database holds after the watermarks; a merge under way
@@ -652,12 +672,21 @@ impl DedupKeys {
         };
         let next = run.progress.next(run.keys.len(), rows);
         let last = next.end == run.keys.len();
+        let written = &run.keys[next];
         bulk::insert_all(
             conn,
             "INSERT OR REPLACE INTO message_keys (app, msg_id, id)",
-            &run.keys[next],
+            written,
             |key| [&key.app as &dyn ToSql, &key.msg_id, &key.id],
         )?;
+        for key in written {
+            self.filter.add(&key.app, &key.msg_id);
+        }
+        if self.filter.build_due() {
+            // The run's keys written in this transaction are not committed yet.
+            self.filter
+                .begin_build(run.keys.iter().map(|key| (&*key.app, &*key.msg_id)));
+        }
         if last {
             set_watermark(conn, run.through)?;
             super::set_meta(conn, ENTRIES_WATERMARK_KEY, run.entries_through)?;
@@ -793,6 +822,8 @@ impl DedupKeys {
 
 #[cfg(test)]
 mod tests {
+    use std::path::Path;
+
     use super::*;
 
     #[test]
@@ -803,6 +834,8 @@ mod tests {
             "INSERT INTO message_keys (app, msg_id, id) VALUES ('shop', 'merged', -7);",
         )
         .expect("key");
+        // Not built: every key is looked up.
+        let filter = KeyFilter::new(Path::new("unused"), 0);
         // The merged key at every place around a statement's end, among keys of two apps;
         // the same `msg_id` of another app, or a key that begins like it, is no match.
         let per = LOOKED_UP_PER_STATEMENT[2];
@@ -812,7 +845,10 @@ mod tests {
                 assumed.push("blog", "merged");
                 assumed.push("shop", if n == place { "merged" } else { "merge" });
             }
-            assert!(assumed.any_merged(&conn).expect("looked up"), "at {place}");
+            assert!(
+                assumed.any_merged(&conn, &filter).expect("looked up"),
+                "at {place}"
+            );
             let found: Vec<(&str, &str)> = assumed.keys().skip(2 * place + 1).take(1).collect();
             assert_eq!(found, [("shop", "merged")]);
         }
@@ -822,20 +858,50 @@ mod tests {
             for n in 1..count {
                 assumed.push("shop", &format!("new-{n}"));
             }
-            assert!(!assumed.any_merged(&conn).expect("looked up"), "{count}");
+            assert!(
+                !assumed.any_merged(&conn, &filter).expect("looked up"),
+                "{count}"
+            );
             assumed.push("shop", "merged");
-            assert!(assumed.any_merged(&conn).expect("looked up"), "{count}");
+            assert!(
+                assumed.any_merged(&conn, &filter).expect("looked up"),
+                "{count}"
+            );
         }
         let mut assumed = Assumed::default();
-        assert!(!assumed.any_merged(&conn).expect("looked up"));
+        assert!(!assumed.any_merged(&conn, &filter).expect("looked up"));
         for n in 0..3 * per {
             assumed.push("blog", "merged");
             assumed.push("shop", &format!("merged-{n}"));
         }
-        assert!(!assumed.any_merged(&conn).expect("looked up"));
+        assert!(!assumed.any_merged(&conn, &filter).expect("looked up"));
         assumed.clear();
         assumed.push("shop", "merged");
-        assert!(assumed.any_merged(&conn).expect("looked up"));
+        assert!(assumed.any_merged(&conn, &filter).expect("looked up"));
+    }
+
+    /// A key the filter rules out is not looked up. Here the table has it and the filter,
+    /// built before it was written and never told, rules it out (a merge tells the filter
+    /// of every key it writes, so that this never happens).
+    #[test]
+    fn assumed_keys_the_filter_rules_out_are_not_looked_up() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("keys.sqlite3");
+        let conn = Connection::open(&path).expect("database");
+        create(&conn).expect("table");
+        let mut filter = KeyFilter::new(&path, 1);
+        filter.begin_build(std::iter::empty());
+        filter.wait_built();
+        conn.execute_batch(
+            "INSERT INTO message_keys (app, msg_id, id) VALUES ('shop', 'merged', -7);",
+        )
+        .expect("key");
+        let mut assumed = Assumed::default();
+        assumed.push("shop", "new");
+        assumed.push("shop", "merged");
+        assert!(!assumed.any_merged(&conn, &filter).expect("looked up"));
+        filter.add("shop", "merged");
+        assert!(assumed.any_merged(&conn, &filter).expect("looked up"));
     }
 
     /// `msg_ids` of the app `shop` as a run sorts them.
@@ -875,6 +941,49 @@ mod tests {
         keys.merged();
     }
 
+    /// Takes the tail's keys as a run and writes it whole.
+    fn merge_tail(conn: &Connection, keys: &mut DedupKeys) {
+        let taken = keys.take_run().expect("a run is due");
+        keys.begin_run(taken.sorted());
+        merge_whole_run(conn, keys);
+    }
+
+    /// The filter holds every merged key: those merged before it was built (read by its
+    /// build) and those merged while it was built or after (told by the merge), so that none
+    /// is ruled out; a key never merged is.
+    #[test]
+    fn the_filter_holds_every_merged_key() {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let path = dir.path().join("keys.sqlite3");
+        let conn = Connection::open(&path).expect("database");
+        conn.pragma_update(None, "journal_mode", "WAL")
+            .expect("WAL");
+        super::super::migrate(&conn).expect("tables");
+        let mut keys =
+            DedupKeys::load(&conn, 1, KeyFilter::new(Path::new("unused"), 0)).expect("tail");
+        insert(&conn, &mut keys, "before");
+        merge_tail(&conn, &mut keys);
+
+        // As a store opens: the filter's build begins with the tail.
+        let mut keys = DedupKeys::load(&conn, 1, KeyFilter::new(&path, 1)).expect("tail");
+        insert(&conn, &mut keys, "during");
+        merge_tail(&conn, &mut keys);
+        keys.filter.wait_built();
+        insert(&conn, &mut keys, "after");
+        merge_tail(&conn, &mut keys);
+        let filter = keys.filter();
+        for msg_id in ["before", "during", "after"] {
+            assert!(filter.may_have("shop", msg_id), "{msg_id}");
+            let mut assumed = Assumed::default();
+            assumed.push("shop", msg_id);
+            assert!(
+                assumed.any_merged(&conn, filter).expect("looked up"),
+                "{msg_id}"
+            );
+        }
+        assert!(!filter.may_have("shop", "never"));
+    }
+
     /// A run is taken out of the tail to be sorted while batches go on (`TakenRun`): the keys
     /// appended meanwhile wait for the next run, found in the tail all along, and a run taken
     /// before the tail was read back (a rollback, a purge) is dropped, the next taking every
@@ -883,7 +992,8 @@ mod tests {
     fn a_run_taken_out_is_begun_unless_the_tail_was_read_back() {
         let conn = Connection::open_in_memory().expect("database");
         super::super::migrate(&conn).expect("tables");
-        let mut keys = DedupKeys::load(&conn, 1).expect("tail");
+        let mut keys =
+            DedupKeys::load(&conn, 1, KeyFilter::new(Path::new("unused"), 0)).expect("tail");
         for msg_id in ["m3", "m1", "m2"] {
             insert(&conn, &mut keys, msg_id);
         }

@@ -37,6 +37,7 @@ use super::KeyMap;
 use super::bulk;
 use super::chunks::{self, Entry, Pending};
 use super::dedup::Assumed;
+use super::key_filter::KeyFilter;
 use super::packed::{self, Pack};
 use crate::{HistoryEntry, Result};
 
@@ -206,8 +207,8 @@ impl<'conn> Appends<'conn> {
     }
 
     /// Whether `message_keys` has any of the keys assumed not to be there.
-    pub(super) fn any_assumed_merged(&self) -> Result<bool> {
-        self.assumed.any_merged(self.conn)
+    pub(super) fn any_assumed_merged(&self, filter: &KeyFilter) -> Result<bool> {
+        self.assumed.any_merged(self.conn, filter)
     }
 
     /// From now on, each record's key is looked up as it is appended.

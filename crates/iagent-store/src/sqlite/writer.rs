@@ -451,7 +451,7 @@ fn settle(jobs: &mut Vec<Box<dyn Job>>, batch: Result<(), &StoreError>) {
 fn run_batch(database: &mut Database, jobs: &mut [Box<dyn Job>]) -> Result<()> {
     let mut batch = database.batch();
     let clean = jobs.iter_mut().all(|job| job.attempt(&mut batch, false))
-        && !batch.appends.any_assumed_merged()?;
+        && !batch.appends.any_assumed_merged(batch.dedup.filter())?;
     if !clean {
         transaction(batch.conn, "ROLLBACK")?;
         batch.reload_tails()?;
