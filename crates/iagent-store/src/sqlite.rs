@@ -73,9 +73,10 @@ const STATEMENT_CACHE_CAPACITY: usize = 64;
 /// 1 GiB, SQLite walks the whole cache at each commit in which a B-tree split renumbered pages
 /// (its temporary number is the page past the 1 GiB lock byte), and that walk was 3% of the
 /// server's CPU at saturation with 64 MiB. It has room for the pages a merge slice dirties (up
-/// to two thousand), which SQLite would otherwise spill into the WAL before the commit. Without the mapping, a miss is a read from
-/// the operating system, and a larger cache pays (64 MiB did, before the mapping; at SQLite's
-/// 2 MiB the reads cost about 7% of the store's throughput).
+/// to two thousand), which SQLite would otherwise spill into the WAL before the commit.
+/// Without the mapping, a miss is a read from the operating system, and a larger cache pays
+/// (64 MiB did, before the mapping; at SQLite's 2 MiB the reads cost about 7% of the store's
+/// throughput).
 pub const DEFAULT_CACHE_MIB: usize = 8;
 
 /// How much of the database file, by default, in MiB, the writer connection reads through a
