@@ -57,9 +57,17 @@ const BLOCK_WORDS: usize = 8;
 const PROBES: usize = 6;
 
 /// The bits of the filter.
-#[derive(Debug, Clone)]
 struct Bits {
     words: Vec<u64>,
+}
+
+/// Its size, not its megabytes of bits.
+impl std::fmt::Debug for Bits {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Bits")
+            .field("words", &self.words.len())
+            .finish()
+    }
 }
 
 impl Bits {
