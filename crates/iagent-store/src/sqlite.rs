@@ -17,6 +17,7 @@ mod history;
 mod key_filter;
 mod lock_wait;
 mod packed;
+mod run_order;
 mod writer;
 
 use std::path::{Path, PathBuf};

@@ -41,6 +41,7 @@ use super::KeyMap;
 use super::bulk;
 use super::chunks;
 use super::key_filter::KeyFilter;
+use super::run_order;
 use crate::Result;
 
 /// How many dedup rows are appended, by default, before their keys are written into
@@ -425,84 +426,48 @@ impl Run {
 /// A key of a run.
 #[derive(Debug)]
 struct RunKey {
-    /// The `msg_id`'s first bytes after those every key of the run shares, as a number: it
-    /// orders keys as their bytes do but for ties among keys that share those bytes too.
-    /// Backends' `msg_id`s often begin alike (the benchmark's share an 18-byte run prefix),
-    /// and with the number taken from their first bytes every comparison fell through to the
-    /// strings: sorting 32 768 of the benchmark's keys took 3.4 ms, 1.4 now (and 0.6 more to
-    /// find the shared prefix), a pause of the writer at the start of every merge.
-    order: u128,
     app: Arc<str>,
     msg_id: Arc<str>,
     /// See [`Record::key_id`].
     id: i64,
-    /// Its place among the keys the run was taken from, which are in the order they were
-    /// appended: of two records of one key, the later is the one the tail holds.
-    seq: usize,
 }
 
 impl RunKey {
-    /// A key whose `order` [`into_run`] sets.
     fn new(app: &Arc<str>, msg_id: &Arc<str>, id: i64) -> Self {
         Self {
-            order: 0,
             app: app.clone(),
             msg_id: msg_id.clone(),
             id,
-            seq: 0,
         }
     }
-
-    /// The order of keys in a run, which is `message_keys`' own: by `msg_id`'s bytes, then by
-    /// app; the same key's records latest first.
-    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
-        self.order
-            .cmp(&other.order)
-            .then_with(|| self.msg_id.cmp(&other.msg_id))
-            .then_with(|| self.app.cmp(&other.app))
-            .then_with(|| other.seq.cmp(&self.seq))
-    }
-
-    fn same_key(&self, other: &Self) -> bool {
-        self.order == other.order && self.msg_id == other.msg_id && self.app == other.app
-    }
 }
 
-/// `keys`, in the order they were appended, sorted into a run: each key once, with its latest
-/// record, as the tail has it. (A key is appended once while it is in the tail, since every
-/// record is looked for there first; the run does not rely on it.)
-fn into_run(mut keys: Vec<RunKey>) -> Vec<RunKey> {
-    let shared = shared_prefix_len(keys.iter().map(|key| key.msg_id.as_bytes()));
-    for (seq, key) in keys.iter_mut().enumerate() {
-        key.order = order_of(&key.msg_id.as_bytes()[shared..]);
-        key.seq = seq;
-    }
-    keys.sort_unstable_by(RunKey::cmp);
-    keys.dedup_by(|later, kept| later.same_key(kept));
-    keys
-}
-
-/// How many leading bytes all of `msg_ids` share.
-fn shared_prefix_len<'a>(mut msg_ids: impl Iterator<Item = &'a [u8]>) -> usize {
-    let Some(first) = msg_ids.next() else {
-        return 0;
-    };
-    msg_ids.fold(first.len(), |shared, msg_id| {
-        first[..shared]
-            .iter()
-            .zip(msg_id)
-            .take_while(|(a, b)| a == b)
-            .count()
-    })
-}
-
-/// The first 16 bytes of `bytes`, big-endian and padded with zeros: where two keys' bytes
-/// differ in them, this orders them as their bytes do.
-fn order_of(bytes: &[u8]) -> u128 {
-    let mut first = [0; 16];
-    let len = bytes.len().min(first.len());
-    first[..len].copy_from_slice(&bytes[..len]);
-    u128::from_be_bytes(first)
+/// `keys`, in the order they were appended, sorted into a run in `message_keys`' order (by
+/// `msg_id`'s bytes, then by app): each key once, with its latest record, as the tail has it.
+/// (A key is appended once while it is in the tail, since every record is looked for there
+/// first; the run does not rely on it.)
+fn into_run(keys: Vec<RunKey>) -> Vec<RunKey> {
+    let mut places = run_order::places(
+        &keys,
+        |_| 0,
+        |key| key.msg_id.as_bytes(),
+        // The same key's records latest first, so that the one kept is the latest.
+        |a, b| {
+            let (key_a, key_b) = (&keys[a], &keys[b]);
+            key_a
+                .msg_id
+                .cmp(&key_b.msg_id)
+                .then_with(|| key_a.app.cmp(&key_b.app))
+                .then_with(|| b.cmp(&a))
+        },
+    );
+    places.dedup_by(|later, kept| {
+        let (later_key, kept_key) = (&keys[later.index as usize], &keys[kept.index as usize]);
+        later.order == kept.order
+            && later_key.msg_id == kept_key.msg_id
+            && later_key.app == kept_key.app
+    });
+    run_order::take_in_order(keys, &places)
 }
 
 impl DedupKeys {
@@ -1128,16 +1093,5 @@ mod tests {
             assert_eq!(m1, [("blog", 99 + repeats), ("shop", repeats - 1)]);
             assert_eq!(run.len(), 2 + repeats as usize);
         }
-    }
-
-    /// The number that orders a run tells apart keys that differ only after a shared prefix
-    /// longer than itself, so sorting them compares no strings.
-    #[test]
-    fn keys_with_one_long_prefix_get_different_orders() {
-        let msg_ids: Vec<String> = (0..100)
-            .map(|n| format!("b18c4d2e9f0a1b2c3d4e5f-{n}"))
-            .collect();
-        let keys = run_of(&msg_ids);
-        assert!(keys.windows(2).all(|pair| pair[0].order < pair[1].order));
     }
 }

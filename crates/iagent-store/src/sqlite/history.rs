@@ -39,6 +39,7 @@ use super::chunks::{self, Entry, Pending};
 use super::dedup::Assumed;
 use super::key_filter::KeyFilter;
 use super::packed::{self, Pack};
+use super::run_order;
 use crate::{HistoryEntry, Result};
 
 /// How many rows are appended, by default, before the heads that moved are written into
@@ -349,16 +350,26 @@ impl TakenHeads {
     /// of its own, never inlined: `bench/instructions` counts it with the merge.
     #[inline(never)]
     pub(super) fn sorted(mut self) -> Self {
-        // An app's heads share its name: compared as the same string, the names cost nothing.
-        let apps = |a: &Arc<str>, b: &Arc<str>| {
-            if Arc::ptr_eq(a, b) {
-                std::cmp::Ordering::Equal
-            } else {
-                a.cmp(b)
+        // The apps by name, each once: the heads of one app are next to each other, as the
+        // tail holds them, and their name is one shared string.
+        let mut apps: Vec<&Arc<str>> = Vec::new();
+        for (app, _, _) in &self.heads {
+            if !apps.last().is_some_and(|last| Arc::ptr_eq(last, app)) {
+                apps.push(app);
             }
+        }
+        apps.sort_unstable();
+        apps.dedup();
+        let rank = |app: &Arc<str>| match apps.binary_search(&app) {
+            Ok(rank) | Err(rank) => rank as u32,
         };
-        self.heads
-            .sort_unstable_by(|a, b| apps(&a.0, &b.0).then_with(|| a.1.cmp(&b.1)));
+        let places = run_order::places(
+            &self.heads,
+            |(app, _, _)| rank(app),
+            |(_, conversation, _)| conversation.as_bytes(),
+            |a, b| self.heads[a].1.cmp(&self.heads[b].1),
+        );
+        self.heads = run_order::take_in_order(self.heads, &places);
         self
     }
 }
@@ -740,6 +751,45 @@ mod tests {
         conn.execute_batch("COMMIT").expect("commit");
         heads.merged();
         assert_eq!(merged_heads(&conn), 30);
+    }
+
+    /// A run of several apps' heads is in `history_heads`' order, by app, then by
+    /// conversation, however the tail held them: the apps' heads apart or mixed, and
+    /// conversations alike in their first 8 bytes.
+    #[test]
+    fn heads_of_several_apps_sort_by_app_then_conversation() {
+        let names = ["shop", "blog", "app"].map(Arc::<str>::from);
+        let conversation = |n: usize| format!("{}-0123456789abcdef-{n}", n % 2);
+        let mut heads = Vec::new();
+        for n in 0..40 {
+            // One app's heads together, as the tail gives them; the others mixed.
+            heads.push((names[0].clone(), Arc::from(conversation(n)), n as i64));
+        }
+        for n in 0..40 {
+            let app = &names[1 + n % 2];
+            // Another string of the same name: apps are told apart by their bytes.
+            let app = if n % 3 == 0 {
+                Arc::from(&**app)
+            } else {
+                app.clone()
+            };
+            heads.push((app, Arc::from(conversation(40 - n)), n as i64));
+        }
+        let taken = TakenHeads {
+            heads,
+            through: 0,
+            generation: 0,
+        }
+        .sorted();
+        let order: Vec<(String, String)> = taken
+            .heads
+            .iter()
+            .map(|(app, conversation, _)| (app.to_string(), conversation.to_string()))
+            .collect();
+        let mut sorted = order.clone();
+        sorted.sort_unstable();
+        assert_eq!(order.len(), 80);
+        assert_eq!(order, sorted);
     }
 
     #[test]
