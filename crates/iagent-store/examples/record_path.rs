@@ -1,13 +1,15 @@
 //! The store's share of the message path, measured on its own: `record`, the one write a
 //! message answered by a repeatable agent (the echo agent) costs, issued by many concurrent
-//! callers the way the gateway's conversations issue it, with no network and no agent.
+//! callers the way the gateway's conversations issue it, with no network and no agent. With
+//! `claim` as the third argument, each message is claimed, then completed, as a message to a
+//! webhook or LLM agent is (two writes).
 //!
 //! Prints records per second and the process's CPU seconds per 100 000 records. The
 //! gateway's benchmark (`iagent bench`) measures the whole path; this one isolates the store,
 //! whose figures move by a few percent where the whole path's drift by more.
 //!
 //! ```text
-//! taskset -c 0 cargo run --release -p iagent-store --example record_path -- [SECONDS] [CALLERS]
+//! taskset -c 0 cargo run --release -p iagent-store --example record_path -- [SECONDS] [CALLERS] [record|claim]
 //! ```
 //!
 //! Linux only: CPU time is read from `/proc/self/stat`.
@@ -25,6 +27,11 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mut args = std::env::args().skip(1);
     let seconds: u64 = args.next().map_or(Ok(8), |arg| arg.parse())?;
     let callers: u64 = args.next().map_or(Ok(512), |arg| arg.parse())?;
+    let claims = match args.next().as_deref() {
+        None | Some("record") => false,
+        Some("claim") => true,
+        Some(other) => return Err(format!("record or claim, not {other}").into()),
+    };
     let dir = tempfile::tempdir()?;
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
@@ -39,8 +46,16 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                 tokio::spawn(async move {
                     let mut n = 0;
                     while !stop.load(Ordering::Relaxed) {
-                        let claim = store.record(completion(caller, n), 0).await;
-                        assert!(matches!(claim, Ok(Claim::New)), "{claim:?}");
+                        let completion = completion(caller, n);
+                        if claims {
+                            let message = completion.history[0].message.clone();
+                            let claim = store.claim("bench", &completion.msg_id, message, 0).await;
+                            assert!(matches!(claim, Ok(Claim::New)), "{claim:?}");
+                            store.complete(completion).await.expect("completed");
+                        } else {
+                            let claim = store.record(completion, 0).await;
+                            assert!(matches!(claim, Ok(Claim::New)), "{claim:?}");
+                        }
                         done.fetch_add(1, Ordering::Relaxed);
                         n += 1;
                     }
@@ -57,8 +72,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         for task in tasks {
             task.await?;
         }
+        let what = if claims {
+            "messages claimed and completed"
+        } else {
+            "records"
+        };
         println!(
-            "{records} records in {elapsed:.1} s: {:.0} records/s, {:.3} CPU-s per 100k",
+            "{records} {what} in {elapsed:.1} s: {:.0}/s, {:.3} CPU-s per 100k",
             records as f64 / elapsed,
             cpu / records as f64 * 100_000.0
         );

@@ -60,7 +60,8 @@ pub const DEDUP_MERGE_SLICE_ROWS: usize = 1024;
 /// The condition on which an `INSERT OR IGNORE ... SELECT` of a dedup row whose `app` and
 /// `msg_id` are its parameters `?2` and `?3` inserts it: that `message_keys` does not have its
 /// key. Where it inserts nothing, [`find_merged`] has the record that is there. (A history
-/// entry that is a record has no statement of its own to check in: see [`Assumed`].)
+/// entry that is a record has no statement of its own to check in: see [`Assumed`].) A row
+/// whose key the filter of the table's keys rules out is inserted without it.
 ///
 /// `OR IGNORE`, because an `INSERT ... SELECT` may write many rows, and one that could abort
 /// halfway on a constraint makes SQLite copy every page it changes into a statement journal
@@ -492,6 +493,18 @@ impl DedupKeys {
         Ok(keys)
     }
 
+    /// Waits until the filter's build under way is done and taken in.
+    #[cfg(test)]
+    pub(super) fn wait_for_filter(&mut self) {
+        self.filter.wait_built();
+    }
+
+    /// Adds a key to the filter, as a merge does for each key it writes.
+    #[cfg(test)]
+    pub(super) fn tell_filter(&mut self, app: &str, msg_id: &str) {
+        self.filter.add(app, msg_id);
+    }
+
     /// What `message_keys` cannot have, with the build that was under way taken in if it is
     /// done.
     pub(super) fn filter(&mut self) -> &KeyFilter {
@@ -552,8 +565,8 @@ impl DedupKeys {
     }
 
     /// The record of `msg_id` if it is one of those after the watermarks. A new record's
-    /// insert checks `message_keys` itself, in the same statement (see [`not_merged`]): a
-    /// second statement for it cost as much as the check.
+    /// insert checks `message_keys` itself, in the same statement, unless the filter rules the
+    /// key out (see [`not_merged`]): a second statement for it cost as much as the check.
     pub(super) fn find_recent(&self, app: &str, msg_id: &str) -> Option<Record> {
         self.tail.get(app)?.msg_ids.get(msg_id).copied()
     }
