@@ -1188,39 +1188,38 @@ mod tests {
         (pragma("cache_size"), pragma("mmap_size"))
     }
 
+    /// Writes the key of `msg_id` into `message_keys` behind the store's back, naming a row
+    /// that is not there, once the filter is built; tells the filter of it if `told`.
+    async fn write_bare_key(store: &SqliteStore, msg_id: &'static str, told: bool) {
+        store
+            .run_serving(move |database| {
+                database.dedup.wait_for_filter();
+                if told {
+                    database.dedup.tell_filter("shop", msg_id);
+                }
+                database.execute(
+                    "INSERT INTO message_keys (app, msg_id, id) VALUES ('shop', ?1, 999)",
+                    [msg_id],
+                )?;
+                Ok(())
+            })
+            .await
+            .expect("key written");
+    }
+
     /// A claim looks its key up in `message_keys` only where the filter of the table's keys
-    /// may have it. Here the table gets a key behind the filter's back (a merge tells the
-    /// filter of every key it writes, so that this never happens): the filter rules it out,
-    /// and the claim is new; once the filter has it, the claim finds the key, whose record
-    /// is not there.
+    /// may have it. Here the table gets keys behind the filter's back (a merge tells the
+    /// filter of every key it writes, so that this never happens): the filter rules the first
+    /// out, and its claim is new; it has the second, whose claim finds the key, and fails to
+    /// find its record.
     #[tokio::test]
     async fn a_claim_looks_up_only_keys_the_filter_may_have() {
         let dir = tempfile::tempdir().expect("temp dir");
         let store = SqliteStore::open(dir.path(), Options::default()).expect("opens");
-        store
-            .run_serving(|database| {
-                database.dedup.wait_for_filter();
-                database.execute(
-                    "INSERT INTO message_keys (app, msg_id, id) VALUES ('shop', 'unseen', 999)",
-                    [],
-                )?;
-                Ok(())
-            })
-            .await
-            .expect("key written");
+        write_bare_key(&store, "unseen", false).await;
         let claim = store.claim("shop", "unseen", "{}".into(), 0).await;
         assert_eq!(claim.expect("claimed"), Claim::New);
-        store
-            .run_serving(|database| {
-                database.dedup.tell_filter("shop", "ghost");
-                database.execute(
-                    "INSERT INTO message_keys (app, msg_id, id) VALUES ('shop', 'ghost', 999)",
-                    [],
-                )?;
-                Ok(())
-            })
-            .await
-            .expect("key written");
+        write_bare_key(&store, "ghost", true).await;
         let claim = store.claim("shop", "ghost", "{}".into(), 0).await;
         assert!(claim.is_err(), "{claim:?}");
     }
