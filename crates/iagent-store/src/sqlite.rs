@@ -14,6 +14,7 @@ mod committer;
 mod dedup;
 mod directory_lock;
 mod history;
+mod key_blocks;
 mod key_filter;
 mod lock_wait;
 mod packed;
@@ -462,7 +463,7 @@ fn add_column(conn: &Connection, table: &str, column: &str) -> Result<bool> {
 }
 
 /// The dedup record. Rows are appended in id order, and nothing indexes them by `msg_id`:
-/// their keys are kept in `message_keys`, written in bulk (see [`dedup`]). Keyed by
+/// their keys are merged into `message_key_blocks`, in bulk (see [`dedup`]). Keyed by
 /// `(app, msg_id)` itself (`WITHOUT ROWID`), the table held every row, response included, at
 /// that place; with a `UNIQUE (app, msg_id)` index, each commit still wrote a page at each of
 /// hundreds of places. A database with either earlier table is moved over, ids kept where it
@@ -548,7 +549,7 @@ fn issue_token(conn: &Connection, app: &str, now_ms: i64) -> Result<Token> {
 }
 
 /// Appends the dedup row of `msg_id`, holding the inbound message (a claim) or the response (a
-/// record), unless `message_keys` has its key; the caller has looked in the tail. Returns
+/// record), unless its key is merged; the caller has looked in the tail. Returns
 /// [`Claim::New`] when written, else what became of the message.
 fn insert_row(
     database: &mut Batch<'_>,
@@ -558,40 +559,37 @@ fn insert_row(
     inbound: Option<&str>,
     response: Option<&str>,
 ) -> Result<Claim> {
-    // A key the filter rules out is not in `message_keys`, which is then not looked at: with
-    // a large table, each look was a descent through pages spread all over it.
-    let insert = if database.dedup.filter().may_have(app, msg_id) {
-        concat!(
-            "INSERT OR IGNORE INTO messages (id, app, msg_id, received_ms, inbound, response)
-             SELECT ?1, ?2, ?3, ?4, ?5, ?6 WHERE ",
-            dedup::not_merged!()
-        )
-    } else {
-        "INSERT INTO messages (id, app, msg_id, received_ms, inbound, response)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-    };
-    let inserted = database.prepare_cached(insert)?.execute(params![
-        database.dedup.next_id(),
-        app,
-        msg_id,
-        received_ms,
-        inbound.map(|text| Pack {
-            text,
-            msg_id: Some(msg_id)
-        }),
-        response.map(|text| Pack {
-            text,
-            msg_id: Some(msg_id)
-        })
-    ])?;
-    if inserted == 0 {
-        return earlier_merged_claim(database, app, msg_id);
+    // A key the filter rules out is not merged, and is not looked up: with many keys merged,
+    // each look was a descent through pages spread all over the table.
+    if database.dedup.filter().may_have(app, msg_id)
+        && let Some(record) = dedup::find_merged(database, app, msg_id)?
+    {
+        return earlier_claim(database, record);
     }
+    database
+        .prepare_cached(
+            "INSERT INTO messages (id, app, msg_id, received_ms, inbound, response)
+             VALUES (?1, ?2, ?3, ?4, ?5, ?6)",
+        )?
+        .execute(params![
+            database.dedup.next_id(),
+            app,
+            msg_id,
+            received_ms,
+            inbound.map(|text| Pack {
+                text,
+                msg_id: Some(msg_id)
+            }),
+            response.map(|text| Pack {
+                text,
+                msg_id: Some(msg_id)
+            })
+        ])?;
     database.dedup.inserted(app, msg_id);
     Ok(Claim::New)
 }
 
-/// What became of a message whose insert found its key in `message_keys`.
+/// What became of a message whose key was found merged.
 fn earlier_merged_claim(batch: &mut Batch<'_>, app: &str, msg_id: &str) -> Result<Claim> {
     let record =
         dedup::find_merged(batch, app, msg_id)?.ok_or(rusqlite::Error::QueryReturnedNoRows)?;
@@ -1188,7 +1186,7 @@ mod tests {
         (pragma("cache_size"), pragma("mmap_size"))
     }
 
-    /// Writes the key of `msg_id` into `message_keys` behind the store's back, naming a row
+    /// Merges the key of `msg_id` behind the store's back, naming a row
     /// that is not there, once the filter is built; tells the filter of it if `told`.
     async fn write_bare_key(store: &SqliteStore, msg_id: &'static str, told: bool) {
         store
@@ -1197,18 +1195,19 @@ mod tests {
                 if told {
                     database.dedup.tell_filter("shop", msg_id);
                 }
-                database.execute(
-                    "INSERT INTO message_keys (app, msg_id, id) VALUES ('shop', ?1, 999)",
-                    [msg_id],
-                )?;
-                Ok(())
+                let key = key_blocks::Key {
+                    msg_id,
+                    app: "shop",
+                    id: 999,
+                };
+                key_blocks::insert(database, &[key])
             })
             .await
             .expect("key written");
     }
 
-    /// A claim looks its key up in `message_keys` only where the filter of the table's keys
-    /// may have it. Here the table gets keys behind the filter's back (a merge tells the
+    /// A claim looks its key up among the merged keys only where the filter of those keys may
+    /// have it. Here the table gets keys behind the filter's back (a merge tells the
     /// filter of every key it writes, so that this never happens): the filter rules the first
     /// out, and its claim is new; it has the second, whose claim finds the key, and fails to
     /// find its record.

@@ -1,6 +1,6 @@
 //! The dedup record's keys (see the store's `sqlite::dedup` module): kept in memory after a
-//! watermark, then written into `message_keys` as a sorted run, a slice at a time. A `msg_id`
-//! must be found wherever its key is (tail, run or table), whichever kind of record it names
+//! watermark, then merged into sorted blocks as a run, a slice at a time. A `msg_id` must be
+//! found wherever its key is (tail, run or table), whichever kind of record it names
 //! (a dedup row, or the history entry of an echo), across reopens, purges, rollbacks and
 //! migrations, and a purged one must be new again.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -69,11 +69,15 @@ async fn assert_answered(store: &SqliteStore, apps: &[&str], msg_ids: &[String])
     }
 }
 
-/// The number of rows of `message_keys`, and the watermark.
+/// The number of merged keys, and the watermark.
 fn keys_table(store: &SqliteStore) -> (i64, Option<i64>) {
     let conn = rusqlite::Connection::open(store.path()).unwrap();
     let rows = conn
-        .query_row("SELECT COUNT(*) FROM message_keys", [], |row| row.get(0))
+        .query_row(
+            "SELECT COALESCE(SUM(keys), 0) FROM message_key_blocks",
+            [],
+            |row| row.get(0),
+        )
         .unwrap();
     let through = conn
         .query_row(
@@ -399,6 +403,60 @@ async fn a_database_with_the_unique_msg_id_index_is_moved_over() {
     );
 }
 
+/// A database whose merged keys are a row each in `message_keys`, as before the blocks, has
+/// them moved into blocks at its first open: every key is found, the purge finds them, and
+/// the table is gone.
+#[tokio::test]
+async fn a_database_with_a_row_per_merged_key_is_moved_into_blocks() {
+    let dir = tempfile::tempdir().unwrap();
+    // Made by this version, then given the table of keys as the last one had it: keyed by
+    // `msg_id` first, every row's key merged.
+    drop(open(dir.path(), 2));
+    let msg_ids: Vec<String> = (0..3_000).map(|n| format!("old-{}-{n}", n % 5)).collect();
+    {
+        let conn = rusqlite::Connection::open(dir.path().join("iagent.sqlite3")).unwrap();
+        conn.execute_batch(
+            "CREATE TABLE message_keys (
+                app TEXT NOT NULL,
+                msg_id TEXT NOT NULL,
+                id INTEGER NOT NULL,
+                PRIMARY KEY (msg_id, app)
+            ) WITHOUT ROWID;",
+        )
+        .unwrap();
+        for (id, msg_id) in (1..).zip(&msg_ids) {
+            conn.execute(
+                "INSERT INTO messages (id, app, msg_id, received_ms, response)
+                 VALUES (?1, 'shop', ?2, ?3, ?4)",
+                rusqlite::params![id, msg_id, NOW - 10, format!("shop: response to {msg_id}")],
+            )
+            .unwrap();
+            conn.execute(
+                "INSERT INTO message_keys (app, msg_id, id) VALUES ('shop', ?1, ?2)",
+                rusqlite::params![msg_id, id],
+            )
+            .unwrap();
+        }
+        conn.execute(
+            "INSERT OR REPLACE INTO store_meta (key, value) VALUES ('message_keys_through', ?1)",
+            [msg_ids.len() as i64],
+        )
+        .unwrap();
+    }
+    for reopen in 0..2 {
+        let store = open(dir.path(), 2);
+        assert!(!has_table(&store, "message_keys"), "reopen {reopen}");
+        assert_eq!(keys_table(&store), (3_000, Some(3_000)), "reopen {reopen}");
+        assert_answered(&store, &["shop"], &msg_ids).await;
+    }
+    let store = open(dir.path(), 2);
+    let purged = store.purge(dedup_before(NOW)).await.unwrap().dedup;
+    assert_eq!(purged, 3_000);
+    assert_eq!(keys_table(&store).0, 0, "the purge took the moved keys");
+    // The first five `msg_id`s again, each recorded as new (`record` asserts it).
+    record(&store, &["shop"], "old", 5).await;
+}
+
 /// How many records are kept as dedup rows, and how many as history entries.
 fn records(store: &SqliteStore) -> (i64, i64) {
     let conn = rusqlite::Connection::open(store.path()).unwrap();
@@ -532,17 +590,15 @@ fn has_column(store: &SqliteStore, table: &str, column: &str) -> bool {
     .unwrap()
 }
 
-/// The columns of `message_keys`' primary key, in its order.
-fn key_order(store: &SqliteStore) -> Vec<String> {
+/// Whether the database has the table `name`.
+fn has_table(store: &SqliteStore, name: &str) -> bool {
     let conn = rusqlite::Connection::open(store.path()).unwrap();
-    let mut columns = conn
-        .prepare("SELECT name FROM pragma_table_info('message_keys') WHERE pk > 0 ORDER BY pk")
-        .unwrap();
-    columns
-        .query_map([], |row| row.get(0))
-        .unwrap()
-        .collect::<rusqlite::Result<_>>()
-        .unwrap()
+    conn.query_row(
+        "SELECT EXISTS (SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?1)",
+        [name],
+        |row| row.get(0),
+    )
+    .unwrap()
 }
 
 #[tokio::test]
@@ -613,7 +669,9 @@ async fn a_database_whose_dedup_rows_named_their_entries_is_folded_into_them() {
         let store = open(dir.path(), 1_000_000);
         assert!(!has_column(&store, "messages", "history_id"));
         assert!(!has_column(&store, "history", "message_id"));
-        assert_eq!(key_order(&store), ["msg_id", "app"], "reopen {reopen}");
+        // The rows' keys moved into blocks, and the folded entries' keys merged with them.
+        assert!(!has_table(&store, "message_keys"), "reopen {reopen}");
+        assert_eq!(keys_table(&store), (3, Some(2)), "reopen {reopen}");
         assert_eq!(records(&store), (2, 2), "reopen {reopen}");
         for (msg_id, claim) in &expected {
             let again = store.claim("shop", msg_id, "again".into(), NOW).await;

@@ -5,16 +5,16 @@
 //! counting up in a range of its own, every commit wrote a page at each of hundreds of places,
 //! and through iagent-client's 512 senders that cost more than half the gateway's throughput.
 //!
-//! So `messages` has no such index. Its rows are appended in id order, and their keys go to
-//! `message_keys`, one row per key, complete up to a watermark (`message_keys_through` in
-//! `store_meta`). The keys of the rows after it are kept in memory, the tail. Once
-//! [`DEFAULT_DEDUP_MERGE_ROWS`] rows have been appended, the tail is taken as a run, sorted by
-//! key (by the writer thread without the database in hand: [`TakenRun`]), and written into
-//! `message_keys` a slice at a time ([`DEDUP_MERGE_SLICE_ROWS`]), in key order, so that the
-//! keys of one sender land together: each page is written once for many keys, and no slice
-//! holds up the writer for long. A `msg_id` is looked up in the tail, which
-//! keeps a run's keys until the whole run is written, then in `message_keys`, unless the
-//! filter of the table's keys rules it out ([`super::key_filter`]).
+//! So `messages` has no such index. Its rows are appended in id order, and their keys are
+//! merged into `message_key_blocks`, sorted blocks of keys ([`super::key_blocks`]), complete
+//! up to a watermark (`message_keys_through` in `store_meta`). The keys of the rows after it
+//! are kept in memory, the tail. Once [`DEFAULT_DEDUP_MERGE_ROWS`] rows have been appended,
+//! the tail is taken as a run, sorted by key (by the writer thread without the database in
+//! hand: [`TakenRun`]), and merged a slice at a time ([`DEDUP_MERGE_SLICE_ROWS`]), in key
+//! order, so that the keys of one sender land together: each block is written once for many
+//! keys, and no slice holds up the writer for long. A `msg_id` is looked up in the tail, which
+//! keeps a run's keys until the whole run is written, then in the blocks, unless the filter
+//! of the merged keys rules it out ([`super::key_filter`]).
 //!
 //! Tail and run are derived state: whenever their agreement with the database is in doubt (a
 //! rollback, a purge reaching past the watermark) they are read back from the rows after the
@@ -26,7 +26,7 @@
 //! A message answered by a repeatable agent has no dedup row: its history entry carries its
 //! `msg_id` and its reply is the response ([`Record::Entry`]), so that an echo costs one row,
 //! not two. Such a key is in the tail while the entry is after a watermark of its own
-//! (`message_keys_entries_through`), and in `message_keys` once merged. A dedup purge drops
+//! (`message_keys_entries_through`), and in the blocks once merged. A dedup purge drops
 //! the keys of entries past the window and keeps the entries, whose history may be kept
 //! longer; the entries are expired up to `message_keys_entries_expired`. A history purge that
 //! takes an entry whose key is still live first copies its record into a dedup row
@@ -35,19 +35,19 @@
 use std::ops::ControlFlow;
 use std::sync::Arc;
 
-use rusqlite::{Connection, OptionalExtension, ToSql, params};
+use rusqlite::{Connection, OptionalExtension, params};
 
 use super::KeyMap;
 use super::bulk;
 use super::chunks;
+use super::key_blocks::{self, Key};
 use super::key_filter::KeyFilter;
 use super::run_order;
 use crate::Result;
 
-/// How many dedup rows are appended, by default, before their keys are written into
-/// `message_keys`. A larger tail writes a page of keys once for more messages, and costs memory
-/// (a `msg_id` and 8 bytes per message) and a longer read of the rows after the watermark at
-/// start-up.
+/// How many dedup rows are appended, by default, before their keys are merged. A larger tail
+/// writes a block of keys once for more messages, and costs memory (a `msg_id` and 8 bytes
+/// per message) and a longer read of the rows after the watermark at start-up.
 pub const DEFAULT_DEDUP_MERGE_ROWS: usize = 32_768;
 
 /// The most keys one slice of a merge writes. A slice runs between two batches, in a
@@ -57,54 +57,12 @@ pub const DEFAULT_DEDUP_MERGE_ROWS: usize = 32_768;
 /// every batch while a run is being written, so the keys go out faster than messages come in.
 pub const DEDUP_MERGE_SLICE_ROWS: usize = 1024;
 
-/// The condition on which an `INSERT OR IGNORE ... SELECT` of a dedup row whose `app` and
-/// `msg_id` are its parameters `?2` and `?3` inserts it: that `message_keys` does not have its
-/// key. Where it inserts nothing, [`find_merged`] has the record that is there. (A history
-/// entry that is a record has no statement of its own to check in: see [`Assumed`].) A row
-/// whose key the filter of the table's keys rules out is inserted without it.
-///
-/// `OR IGNORE`, because an `INSERT ... SELECT` may write many rows, and one that could abort
-/// halfway on a constraint makes SQLite copy every page it changes into a statement journal
-/// first (measured: 7% of the store's throughput). The row's values are never NULL and its id
-/// is the writer's own, so nothing else is ignored; should anything be, [`find_merged`] finds
-/// no row, and the caller gets an error, not a silent duplicate.
-macro_rules! not_merged {
-    () => {
-        "NOT EXISTS (SELECT 1 FROM message_keys WHERE app = ?2 AND msg_id = ?3)"
-    };
-}
-pub(super) use not_merged;
-
-/// How many `msg_id`s the statements of [`Assumed::any_merged`] look up: the places past the
-/// last key are NULL, and a batch of one message, as most are at moderate load, binds and
-/// steps through one place, not 64.
-const LOOKED_UP_PER_STATEMENT: [usize; 3] = [1, 8, 64];
-
-/// The statements of [`Assumed::any_merged`], one per size: whether `message_keys` has any of
-/// the app `?1`'s `msg_id`s `?2` on. One `msg_id`, the whole look-up of a batch of one message
-/// (as most are at 10 000 messages/s), is searched for on the primary key as it is: as a list
-/// of one joined to the table, the look-up cost 4 800 instructions, 4 250 now
-/// (`RATE=300 bench/instructions`).
-static LOOK_UPS: std::sync::LazyLock<[String; 3]> = std::sync::LazyLock::new(|| {
-    LOOKED_UP_PER_STATEMENT.map(|size| {
-        if size == 1 {
-            return "SELECT EXISTS (SELECT 1 FROM message_keys WHERE msg_id = ?2 AND app = ?1)"
-                .to_owned();
-        }
-        let listed: Vec<String> = (2..2 + size).map(|n| format!("(?{n})")).collect();
-        format!(
-            "SELECT EXISTS (SELECT 1 FROM (VALUES {}) listed CROSS JOIN message_keys
-                 ON msg_id = listed.column1 AND app = ?1)",
-            listed.join(",")
-        )
-    })
-});
-
-/// The keys of the records a batch appended as history entries assuming that `message_keys`
-/// did not have them, looked up together before the batch commits. A look-up of each as it
-/// was appended cost 3 400 instructions per message (`bench/instructions`), most of it the
-/// statement's own work, which one statement for up to 64 keys pays once (2 100 a key). A key
-/// that is there means a message whose record was merged is recorded again: the batch is then
+/// The keys of the records a batch appended as history entries assuming that they were not
+/// merged, looked up together before the batch commits, those the key filter does not rule
+/// out (nearly always none): sorted, so that keys in one block are looked for in one read of
+/// it. A look-up of each as it was appended cost 3 400 instructions per message
+/// (`bench/instructions`), before the filter. A key that is merged means a message whose
+/// record was merged is recorded again: the batch is then
 /// rolled back and run again with each key looked up as its record is appended (see
 /// [`super::writer`]), which costs that batch a savepoint per job.
 #[derive(Debug, Default)]
@@ -116,7 +74,7 @@ pub(super) struct Assumed {
 }
 
 impl Assumed {
-    /// Adds the key of a record appended assuming `message_keys` does not have it.
+    /// Adds the key of a record appended assuming it is not merged.
     pub(super) fn push(&mut self, app: &str, msg_id: &str) {
         self.text.push_str(app);
         let app_end = self.text.len();
@@ -138,50 +96,14 @@ impl Assumed {
             .map(|(start, &(app_end, end))| (&self.text[start..app_end], &self.text[app_end..end]))
     }
 
-    /// Whether `message_keys` has any of the keys. The keys of one app are looked up together
-    /// (a batch's are nearly always of one app): a list of `msg_id`s, each of which is then
-    /// searched for on the table's primary key. Written `msg_id IN (...)`, the list was first
-    /// copied into a B-tree of its own, which cost more than the searches.
-    ///
-    /// Only the keys `filter` does not rule out are looked up: nearly always none.
+    /// Whether the merged keys hold any of the keys. Only the keys `filter` does not rule out
+    /// are looked up: nearly always none.
     pub(super) fn any_merged(&self, conn: &Connection, filter: &KeyFilter) -> Result<bool> {
-        let maybe: Vec<(&str, &str)> = self
+        let mut maybe: Vec<(&str, &str)> = self
             .keys()
             .filter(|&(app, msg_id)| filter.may_have(app, msg_id))
             .collect();
-        let mut apps: Vec<&str> = maybe.iter().map(|&(app, _)| app).collect();
-        apps.sort_unstable();
-        apps.dedup();
-        for app in apps {
-            let msg_ids: Vec<&str> = maybe
-                .iter()
-                .filter(|&&(key_app, _)| key_app == app)
-                .map(|&(_, msg_id)| msg_id)
-                .collect();
-            let largest = LOOKED_UP_PER_STATEMENT[LOOKED_UP_PER_STATEMENT.len() - 1];
-            for some in msg_ids.chunks(largest) {
-                let (size, sql) = LOOKED_UP_PER_STATEMENT
-                    .iter()
-                    .zip(LOOK_UPS.iter())
-                    .find(|&(&size, _)| size >= some.len())
-                    .unwrap_or((&largest, &LOOK_UPS[LOOK_UPS.len() - 1]));
-                let mut look_up = conn.prepare_cached(sql)?;
-                look_up.raw_bind_parameter(1, app)?;
-                // The places past the last key are NULL, which no key equals.
-                for place in 0..*size {
-                    look_up.raw_bind_parameter(place + 2, some.get(place))?;
-                }
-                let mut found = look_up.raw_query();
-                let merged = match found.next()? {
-                    Some(row) => row.get(0)?,
-                    None => false,
-                };
-                if merged {
-                    return Ok(true);
-                }
-            }
-        }
-        Ok(false)
+        key_blocks::any(conn, &mut maybe)
     }
 }
 
@@ -195,7 +117,7 @@ pub(super) enum Record {
 }
 
 impl Record {
-    /// As `message_keys.id` holds it: a row's id, or an entry's id negated. Ids are positive,
+    /// As a merged key's id holds it: a row's id, or an entry's id negated. Ids are positive,
     /// so the sign tells the two apart in the key's own 8 bytes.
     fn key_id(self) -> i64 {
         match self {
@@ -213,20 +135,16 @@ impl Record {
     }
 }
 
-/// The record of `msg_id` whose key is in `message_keys`.
+/// The record of `msg_id` whose key is merged.
 pub(super) fn find_merged(conn: &Connection, app: &str, msg_id: &str) -> Result<Option<Record>> {
-    Ok(conn
-        .prepare_cached("SELECT id FROM message_keys WHERE app = ?1 AND msg_id = ?2")?
-        .query_row(params![app, msg_id], |row| row.get(0))
-        .optional()?
-        .map(Record::from_key_id))
+    Ok(key_blocks::find(conn, app, msg_id)?.map(Record::from_key_id))
 }
 
-/// The `store_meta` key of the last dedup row id whose key `message_keys` has.
+/// The `store_meta` key of the last dedup row id whose key is merged.
 const WATERMARK_KEY: &str = "message_keys_through";
 
-/// The `store_meta` key of the last history id whose entry's key, if it has one, `message_keys`
-/// has (unless the dedup window has passed it).
+/// The `store_meta` key of the last history id whose entry's key, if it has one, is merged
+/// (unless the dedup window has passed it).
 const ENTRIES_WATERMARK_KEY: &str = "message_keys_entries_through";
 
 /// The `store_meta` key of the last dedup row id handed out before a purge removed rows: with
@@ -235,53 +153,33 @@ const ENTRIES_WATERMARK_KEY: &str = "message_keys_entries_through";
 const PURGED_THROUGH_KEY: &str = "messages_purged_through";
 
 /// The `store_meta` key of the last history id whose entry's key the dedup window has passed:
-/// such keys are out of `message_keys` and the tail.
+/// such keys are out of the merged keys and the tail.
 const ENTRIES_EXPIRED_KEY: &str = "message_keys_entries_expired";
 
-/// `message_keys`, after `CREATE TABLE`. `id` is a [`Record`]'s key id. Keyed by `msg_id`
-/// first: a key's place is then decided by its first column, where with `app` first (the same
-/// for every key of an app) each comparison went on to the second. Measured: 24% fewer
-/// instructions per key written, in runs of the benchmark's `msg_id`s alone; in the gateway
-/// (`bench/instructions`), 3.4% fewer per message, the look-up of each new `msg_id` included.
-const KEYS_TABLE: &str = "message_keys (
-    app TEXT NOT NULL,
-    msg_id TEXT NOT NULL,
-    id INTEGER NOT NULL,
-    PRIMARY KEY (msg_id, app)
-) WITHOUT ROWID";
-
-/// Creates `message_keys`, or rebuilds one keyed by `app` first, as it was before, in the
-/// present order (once, at the first start after an upgrade: its keys are copied, sorted).
+/// Creates the merged keys' table ([`key_blocks`]), and moves the keys of a database from
+/// before it, a row each in `message_keys` (keyed by app or by `msg_id` first), into blocks
+/// (once, at the first start after an upgrade).
 pub(super) fn create(conn: &Connection) -> Result<()> {
-    conn.execute_batch(&format!("CREATE TABLE IF NOT EXISTS {KEYS_TABLE};"))?;
-    // A column's place in the primary key, from 1.
-    let app_first = conn
-        .query_row(
-            "SELECT pk = 1 FROM pragma_table_info('message_keys') WHERE name = 'app'",
+    key_blocks::create(conn)?;
+    if super::has_table(conn, "message_keys")? {
+        key_blocks::insert_selected(
+            conn,
+            "SELECT msg_id, app, id FROM message_keys ORDER BY msg_id, app",
             [],
-            |row| row.get(0),
-        )
-        .optional()?
-        .unwrap_or(false);
-    if app_first {
-        conn.execute_batch(&format!(
-            "ALTER TABLE message_keys RENAME TO message_keys_by_app;
-             CREATE TABLE {KEYS_TABLE};
-             INSERT INTO message_keys (app, msg_id, id)
-                 SELECT app, msg_id, id FROM message_keys_by_app ORDER BY msg_id, app;
-             DROP TABLE message_keys_by_app;"
-        ))?;
+        )?;
+        conn.execute_batch("DROP TABLE message_keys;")?;
     }
     Ok(())
 }
 
-/// Fills `message_keys` from the dedup rows of a database that had none (its keys were in an
-/// index of `messages`), so that a large record never becomes a large tail.
+/// Merges the keys of the dedup rows of a database that had none (its keys were in an index
+/// of `messages`), so that a large record never becomes a large tail.
 pub(super) fn migrate(conn: &Connection) -> Result<()> {
     if watermark(conn)?.is_none() {
-        conn.execute_batch(
-            "INSERT OR REPLACE INTO message_keys (app, msg_id, id)
-                 SELECT app, msg_id, id FROM messages ORDER BY msg_id, app;",
+        key_blocks::insert_selected(
+            conn,
+            "SELECT msg_id, app, id FROM messages ORDER BY msg_id, app",
+            [],
         )?;
         let through: i64 =
             conn.query_row("SELECT COALESCE(MAX(id), 0) FROM messages", [], |row| {
@@ -299,13 +197,20 @@ pub(super) fn migrate(conn: &Connection) -> Result<()> {
 pub(super) fn fold_rows_into_entries(conn: &Connection, table: &str) -> Result<()> {
     conn.execute_batch(&format!(
         "UPDATE history SET msg_id = m.msg_id FROM {table} m
-             WHERE m.history_id = history.id AND m.app = history.app;
-         INSERT OR REPLACE INTO message_keys (app, msg_id, id)
-             SELECT m.app, m.msg_id, -m.history_id FROM {table} m
-             WHERE m.history_id IS NOT NULL
-               AND EXISTS (SELECT 1 FROM history h WHERE h.id = m.history_id)
-             ORDER BY m.msg_id, m.app;
-         DELETE FROM {table} WHERE history_id IS NOT NULL
+             WHERE m.history_id = history.id AND m.app = history.app;"
+    ))?;
+    key_blocks::insert_selected(
+        conn,
+        &format!(
+            "SELECT m.msg_id, m.app, -m.history_id FROM {table} m
+                 WHERE m.history_id IS NOT NULL
+                   AND EXISTS (SELECT 1 FROM history h WHERE h.id = m.history_id)
+                 ORDER BY m.msg_id, m.app"
+        ),
+        [],
+    )?;
+    conn.execute_batch(&format!(
+        "DELETE FROM {table} WHERE history_id IS NOT NULL
              AND EXISTS (SELECT 1 FROM history h WHERE h.id = history_id);"
     ))?;
     Ok(())
@@ -347,9 +252,9 @@ pub(super) struct DedupKeys {
     generation: u64,
     /// The number of keys in the tail at which it becomes the run.
     merge_rows: usize,
-    /// The last row id whose key `message_keys` has.
+    /// The last row id whose key is merged.
     through: i64,
-    /// The last entry id whose key, if live, `message_keys` has.
+    /// The last entry id whose key, if live, is merged.
     entries_through: i64,
     /// The last entry id whose key the dedup window has passed.
     entries_expired: i64,
@@ -357,9 +262,9 @@ pub(super) struct DedupKeys {
     last_entry: i64,
     /// The id of the next row: above every row's and the watermark.
     next_id: i64,
-    /// The keys being written into `message_keys`.
+    /// The keys being merged.
     run: Option<Run>,
-    /// What `message_keys` cannot have, so that a new key is not looked up there.
+    /// What the merged keys cannot have, so that a new key is not looked up there.
     filter: KeyFilter,
 }
 
@@ -403,7 +308,7 @@ impl TakenRun {
 #[derive(Debug)]
 struct Run {
     keys: Vec<RunKey>,
-    /// How many of them are in `message_keys`.
+    /// How many of them are merged.
     progress: bulk::Progress,
     /// The rows' watermark once every key is written: the last id handed out when the run
     /// was taken.
@@ -443,7 +348,7 @@ impl RunKey {
     }
 }
 
-/// `keys`, in the order they were appended, sorted into a run in `message_keys`' order (by
+/// `keys`, in the order they were appended, sorted into a run in the merged keys' order (by
 /// `msg_id`'s bytes, then by app): each key once, with its latest record, as the tail has it.
 /// (A key is appended once while it is in the tail, since every record is looked for there
 /// first; the run does not rely on it.)
@@ -505,7 +410,7 @@ impl DedupKeys {
         self.filter.add(app, msg_id);
     }
 
-    /// What `message_keys` cannot have, with the build that was under way taken in if it is
+    /// What the merged keys cannot have, with the build that was under way taken in if it is
     /// done.
     pub(super) fn filter(&mut self) -> &KeyFilter {
         self.filter.poll();
@@ -564,9 +469,8 @@ impl DedupKeys {
         }
     }
 
-    /// The record of `msg_id` if it is one of those after the watermarks. A new record's
-    /// insert checks `message_keys` itself, in the same statement, unless the filter rules the
-    /// key out (see [`not_merged`]): a second statement for it cost as much as the check.
+    /// The record of `msg_id` if it is one of those after the watermarks. A new record is
+    /// then looked for among the merged keys unless the filter rules its key out.
     pub(super) fn find_recent(&self, app: &str, msg_id: &str) -> Option<Record> {
         self.tail.get(app)?.msg_ids.get(msg_id).copied()
     }
@@ -640,7 +544,7 @@ impl DedupKeys {
     }
 
     /// Writes the next `rows` keys of the run [`DedupKeys::begin_run`] began into
-    /// `message_keys`, in the caller's transaction, after those written in it before, and
+    /// `message_key_blocks`, in the caller's transaction, after those written in it before, and
     /// moves the watermarks once the last is written; says whether it was (with no run under
     /// way there is nothing to write). The run counts the keys as written only in
     /// [`DedupKeys::merged`], once that transaction has committed.
@@ -651,12 +555,15 @@ impl DedupKeys {
         let next = run.progress.next(run.keys.len(), rows);
         let last = next.end == run.keys.len();
         let written = &run.keys[next];
-        bulk::insert_all(
-            conn,
-            "INSERT OR REPLACE INTO message_keys (app, msg_id, id)",
-            written,
-            |key| [&key.app as &dyn ToSql, &key.msg_id, &key.id],
-        )?;
+        let keys: Vec<Key<'_>> = written
+            .iter()
+            .map(|key| Key {
+                msg_id: &key.msg_id,
+                app: &key.app,
+                id: key.id,
+            })
+            .collect();
+        key_blocks::insert(conn, &keys)?;
         for key in written {
             self.filter.add(&key.app, &key.msg_id);
         }
@@ -705,12 +612,12 @@ impl DedupKeys {
             .query_row([before_ms], |row| row.get(0))
             .optional()?
             .unwrap_or(i64::MAX);
-        conn.prepare_cached(
-            "DELETE FROM message_keys
-             WHERE id > 0 AND id < ?1 AND (app, msg_id) IN (
-                 SELECT app, msg_id FROM messages WHERE id < ?1 AND response IS NOT NULL)",
-        )?
-        .execute([keep_from])?;
+        key_blocks::remove_selected(
+            conn,
+            "SELECT msg_id, app, id FROM messages WHERE id < ?1 AND response IS NOT NULL
+                 ORDER BY msg_id, app",
+            [keep_from],
+        )?;
         let removed = conn
             .prepare_cached("DELETE FROM messages WHERE id < ?1 AND response IS NOT NULL")?
             .execute([keep_from])?;
@@ -732,20 +639,19 @@ impl DedupKeys {
     fn expire_entries(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
         let mut keep_from = None;
         let mut expired = 0;
-        let mut forget = conn.prepare_cached(
-            "DELETE FROM message_keys WHERE msg_id = ?1 AND app = ?2 AND id = ?3",
-        )?;
+        let mut forget = Forget::new(conn);
         chunks::for_each_after(conn, self.entries_expired, |entry| {
             if entry.at_ms >= before_ms {
                 keep_from = Some(entry.id);
                 return Ok(ControlFlow::Break(()));
             }
             if let Some(msg_id) = entry.msg_id {
-                forget.execute(params![msg_id, entry.app, Record::Entry(entry.id).key_id()])?;
+                forget.push(entry.app, msg_id, Record::Entry(entry.id))?;
                 expired += 1;
             }
             Ok(ControlFlow::Continue(()))
         })?;
+        forget.flush()?;
         let keep_from = match keep_from {
             Some(id) => id,
             None => chunks::last_id(conn)?.unwrap_or(0) + 1,
@@ -760,7 +666,7 @@ impl DedupKeys {
     /// Before the history entries below `keep_from` are removed: the records among them that
     /// are still inside the dedup window become dedup rows of their own, so that a resend
     /// within the window gets its response whatever the history's retention, and their keys
-    /// leave `message_keys`. Returns whether the tail must be read back once the entries are
+    /// leave `message_key_blocks`. Returns whether the tail must be read back once the entries are
     /// gone ([`DedupKeys::reload`]): it then finds the keys on the new rows, and no longer
     /// those of the entries.
     pub(super) fn keep_records_before(
@@ -773,9 +679,7 @@ impl DedupKeys {
             "INSERT INTO messages (id, app, msg_id, received_ms, response)
              VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
-        let mut forget = conn.prepare_cached(
-            "DELETE FROM message_keys WHERE msg_id = ?1 AND app = ?2 AND id = ?3",
-        )?;
+        let mut forget = Forget::new(conn);
         chunks::for_each_after(conn, self.entries_expired, |entry| {
             if entry.id >= keep_from {
                 return Ok(ControlFlow::Break(()));
@@ -788,13 +692,44 @@ impl DedupKeys {
                     entry.at_ms,
                     entry.reply
                 ])?;
-                forget.execute(params![msg_id, entry.app, Record::Entry(entry.id).key_id()])?;
+                forget.push(entry.app, msg_id, Record::Entry(entry.id))?;
                 self.next_id += 1;
                 moved += 1;
             }
             Ok(ControlFlow::Continue(()))
         })?;
+        forget.flush()?;
         Ok(moved > 0 || keep_from > self.entries_through.max(self.entries_expired) + 1)
+    }
+}
+
+/// Keys of records that are gone, removed from the merged keys a few thousand at a time.
+struct Forget<'c> {
+    conn: &'c Connection,
+    gathered: key_blocks::Gathered,
+}
+
+impl<'c> Forget<'c> {
+    fn new(conn: &'c Connection) -> Self {
+        Self {
+            conn,
+            gathered: key_blocks::Gathered::default(),
+        }
+    }
+
+    /// Removes the key of `msg_id` if it names `record`.
+    fn push(&mut self, app: &str, msg_id: &str, record: Record) -> Result<()> {
+        self.gathered.push(app, msg_id, record.key_id());
+        if self.gathered.len() >= key_blocks::GATHERED_KEYS {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<()> {
+        let conn = self.conn;
+        self.gathered
+            .flush(&mut |keys| key_blocks::remove(conn, keys).map(drop))
     }
 }
 
@@ -804,19 +739,26 @@ mod tests {
 
     use super::*;
 
+    /// Merges the key of `msg_id` in the app `shop`, naming entry 7.
+    fn merge_key(conn: &Connection, msg_id: &str) {
+        let key = Key {
+            msg_id,
+            app: "shop",
+            id: Record::Entry(7).key_id(),
+        };
+        key_blocks::insert(conn, &[key]).expect("key");
+    }
+
     #[test]
-    fn assumed_keys_are_looked_up_by_app_across_statements() {
+    fn assumed_keys_are_looked_up_by_app() {
         let conn = Connection::open_in_memory().expect("database");
         create(&conn).expect("table");
-        conn.execute_batch(
-            "INSERT INTO message_keys (app, msg_id, id) VALUES ('shop', 'merged', -7);",
-        )
-        .expect("key");
+        merge_key(&conn, "merged");
         // Not built: every key is looked up.
         let filter = KeyFilter::new(Path::new("unused"), 0);
-        // The merged key at every place around a statement's end, among keys of two apps;
-        // the same `msg_id` of another app, or a key that begins like it, is no match.
-        let per = LOOKED_UP_PER_STATEMENT[2];
+        // The merged key at places among many keys of two apps; the same `msg_id` of another
+        // app, or a key that begins like it, is no match.
+        let per = 64;
         for place in [0, per - 1, per, 2 * per + 1] {
             let mut assumed = Assumed::default();
             for n in 0..=2 * per + 1 {
@@ -830,7 +772,7 @@ mod tests {
             let found: Vec<(&str, &str)> = assumed.keys().skip(2 * place + 1).take(1).collect();
             assert_eq!(found, [("shop", "merged")]);
         }
-        // Every size of statement, the merged key last.
+        // Batches of every size, the merged key last.
         for count in [1, 2, 7, 8, 9, 63, 64, 65, 129] {
             let mut assumed = Assumed::default();
             for n in 1..count {
@@ -870,10 +812,7 @@ mod tests {
         let mut filter = KeyFilter::new(&path, 1);
         filter.begin_build(std::iter::empty());
         filter.wait_built();
-        conn.execute_batch(
-            "INSERT INTO message_keys (app, msg_id, id) VALUES ('shop', 'merged', -7);",
-        )
-        .expect("key");
+        merge_key(&conn, "merged");
         let mut assumed = Assumed::default();
         assumed.push("shop", "new");
         assumed.push("shop", "merged");
@@ -1053,7 +992,7 @@ mod tests {
         assert_sorted_as_bytes(vec!["pré".into(), "prè".into(), "pr\u{e9}\u{e8}".into()]);
     }
 
-    /// A run of several apps' keys is in `message_keys`' order: by `msg_id`, then by app.
+    /// A run of several apps' keys is in the merged keys' order: by `msg_id`, then by app.
     #[test]
     fn a_run_of_several_apps_sorts_by_msg_id_then_app() {
         let (shop, blog) = (Arc::from("shop"), Arc::from("blog"));

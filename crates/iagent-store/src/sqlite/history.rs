@@ -171,7 +171,7 @@ fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Optio
 
 /// What a batch appends entries with: the chunk it gathers them into, the buffers it packs
 /// their texts into, and the keys of the records among them, which are assumed not to be in
-/// `message_keys` and looked up together before the batch commits (see [`Assumed`]), unless
+/// the merged keys and looked up together before the batch commits (see [`Assumed`]), unless
 /// the batch runs again after one was there: each key is then looked up as its record is
 /// appended. Entries are read through it too ([`Appends::entry`]), which writes the gathered
 /// ones first.
@@ -212,7 +212,7 @@ impl<'conn> Appends<'conn> {
         self.assumed.clear();
     }
 
-    /// Whether `message_keys` has any of the keys assumed not to be there.
+    /// Whether any of the keys assumed not to be merged is.
     pub(super) fn any_assumed_merged(&self, filter: &KeyFilter) -> Result<bool> {
         self.assumed.any_merged(self.conn, filter)
     }
@@ -222,7 +222,7 @@ impl<'conn> Appends<'conn> {
         self.look_up_each = true;
     }
 
-    /// Whether a record of the `msg_id` is merged already: looked up in `message_keys`, or
+    /// Whether a record of the `msg_id` is merged already: looked up among the merged keys, or
     /// assumed not to be.
     fn merged(&mut self, app: &str, msg_id: &str) -> Result<bool> {
         if !self.look_up_each {
@@ -468,7 +468,7 @@ impl HistoryHeads {
     }
 
     /// Appends an entry whose reply is the response to `msg_id`, as that message's dedup
-    /// record, unless `message_keys` has the key already; returns the entry's id, or `None`
+    /// record, unless its key is merged already; returns the entry's id, or `None`
     /// when it had (and nothing was written).
     pub(super) fn append_record(
         &mut self,

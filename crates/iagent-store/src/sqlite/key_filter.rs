@@ -1,10 +1,10 @@
-//! A filter in memory of the keys in `message_keys`, so that a new `msg_id` is not looked up
+//! A filter in memory of the merged dedup keys, so that a new `msg_id` is not looked up
 //! there: the filter says of nearly every key the table does not have that it cannot have it.
 //!
-//! Every record a batch appends is assumed new and its key looked up in `message_keys` before
-//! the batch commits ([`super::dedup::Assumed`]); a key the filter rules out is not. The look-ups
-//! are B-tree descents all over the table: skipping them all (a throwaway that assumed every
-//! key absent) did 1.11x the round trips at saturation (`BENCHMARKS.md`).
+//! Every record a batch appends is assumed new and its key looked up among the merged keys
+//! before the batch commits ([`super::dedup::Assumed`]); a key the filter rules out is not.
+//! The look-ups are B-tree descents all over the table: skipping them all (a throwaway that
+//! assumed every key absent) did 1.11x the round trips at saturation (`BENCHMARKS.md`).
 //!
 //! It is a Bloom filter, so a key in the table is never ruled out, and one that is not is
 //! taken for present (and looked up) about once in a hundred at ten bits a key. Each key
@@ -31,7 +31,9 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, TryRecvError};
 use std::thread;
 
-use rusqlite::{Connection, OpenFlags, params};
+use rusqlite::{Connection, OpenFlags};
+
+use super::key_blocks;
 
 /// The filter's size, by default, in MiB: about 6.7 million keys at ten bits each, with one
 /// key in a hundred or so of those not in the table taken for present. More keys than that
@@ -46,9 +48,10 @@ const BITS_PER_KEY: usize = 10;
 /// once.
 const MIN_REBUILD_KEYS: usize = 65_536;
 
-/// How many keys one read transaction of a build takes: a transaction that stayed open for the
-/// whole table would keep the checkpointer from starting the WAL over meanwhile.
-const SCAN_CHUNK_ROWS: usize = 16_384;
+/// How many blocks of keys (some tens of keys each) one read transaction of a build takes: a
+/// transaction that stayed open for the whole table would keep the checkpointer from
+/// starting the WAL over meanwhile.
+const SCAN_CHUNK_BLOCKS: usize = 512;
 
 /// A block: 512 bits, a cache line.
 const BLOCK_WORDS: usize = 8;
@@ -120,7 +123,7 @@ struct Build {
     cancel: Arc<AtomicBool>,
 }
 
-/// The filter of the keys in `message_keys` (see the module's documentation).
+/// The filter of the merged keys (see the module's documentation).
 #[derive(Debug)]
 pub(super) struct KeyFilter {
     /// The database the builds read.
@@ -160,14 +163,14 @@ impl KeyFilter {
         self.hasher.hash_one((app, msg_id))
     }
 
-    /// Whether `message_keys` may have the key: `false` only if it has not.
+    /// Whether the key may be merged: `false` only if it is not.
     pub(super) fn may_have(&self, app: &str, msg_id: &str) -> bool {
         self.built
             .as_ref()
             .is_none_or(|bits| bits.may_have(self.hash(app, msg_id)))
     }
 
-    /// Adds a key written into `message_keys` (in a transaction that may yet roll back: the
+    /// Adds a key merged (in a transaction that may yet roll back: the
     /// filter then holds a key the table has not, which costs a look-up).
     pub(super) fn add(&mut self, app: &str, msg_id: &str) {
         if self.mib == 0 {
@@ -293,7 +296,8 @@ impl Drop for Build {
     }
 }
 
-/// The bits of every key in `message_keys` of the database at `path`, and how many, unless
+/// The bits of every key in `message_key_blocks` of the database at `path`, and how many,
+/// unless
 /// `cancel` stops it: read in key order, a chunk per statement, each after the last key of the
 /// one before.
 fn read_keys(
@@ -307,37 +311,27 @@ fn read_keys(
         OpenFlags::SQLITE_OPEN_READ_ONLY | OpenFlags::SQLITE_OPEN_NO_MUTEX,
     )?;
     let mut bits = Bits::new(mib);
-    let mut first =
-        conn.prepare("SELECT msg_id, app FROM message_keys ORDER BY msg_id, app LIMIT ?1")?;
-    let mut next = conn.prepare(
-        "SELECT msg_id, app FROM message_keys WHERE (msg_id, app) > (?2, ?3)
-             ORDER BY msg_id, app LIMIT ?1",
-    )?;
     let mut read = 0;
-    // The last key read, which the next chunk begins after.
-    let (mut msg_id, mut app) = (String::new(), String::new());
+    // The key of the last block read, which the next chunk begins after.
+    let mut after: Option<(String, String)> = None;
     loop {
         if cancel.load(Ordering::Relaxed) {
             return Ok(None);
         }
-        let mut rows = if read == 0 {
-            first.query(params![SCAN_CHUNK_ROWS])?
-        } else {
-            next.query(params![SCAN_CHUNK_ROWS, msg_id, app])?
-        };
-        let mut in_chunk = 0;
-        while let Some(row) = rows.next()? {
-            let text = |index| row.get_ref(index).and_then(|value| Ok(value.as_str()?));
-            let (row_msg_id, row_app) = (text(0)?, text(1)?);
-            bits.insert(hasher.hash_one((row_app, row_msg_id)));
-            in_chunk += 1;
-            if in_chunk == SCAN_CHUNK_ROWS {
-                (msg_id, app) = (row_msg_id.to_owned(), row_app.to_owned());
-            }
-        }
-        read += in_chunk;
-        if in_chunk < SCAN_CHUNK_ROWS {
-            return Ok(Some((bits, read)));
+        let last_read = key_blocks::scan(
+            &conn,
+            after
+                .as_ref()
+                .map(|(msg_id, app)| (msg_id.as_str(), app.as_str())),
+            SCAN_CHUNK_BLOCKS,
+            |app, msg_id| {
+                bits.insert(hasher.hash_one((app, msg_id)));
+                read += 1;
+            },
+        )?;
+        match last_read {
+            Some(last) => after = Some(last),
+            None => return Ok(Some((bits, read))),
         }
     }
 }
@@ -346,39 +340,38 @@ fn read_keys(
 mod tests {
     use super::*;
 
-    /// A database at `path` whose `message_keys` holds `keys`.
+    /// A database at `path` whose merged keys are `keys`.
     fn table_of(path: &Path, keys: &[(String, String)]) -> Connection {
         let conn = Connection::open(path).expect("database");
-        conn.execute_batch(
-            "PRAGMA journal_mode = WAL;
-             CREATE TABLE message_keys (app TEXT NOT NULL, msg_id TEXT NOT NULL,
-                 id INTEGER NOT NULL, PRIMARY KEY (msg_id, app)) WITHOUT ROWID;",
-        )
-        .expect("table");
+        conn.execute_batch("PRAGMA journal_mode = WAL;")
+            .expect("WAL");
+        key_blocks::create(&conn).expect("table");
         conn.execute_batch("BEGIN").expect("transaction");
-        for (app, msg_id) in keys {
-            merge(&conn, app, msg_id);
-        }
+        let mut keys: Vec<key_blocks::Key<'_>> = keys
+            .iter()
+            .map(|(app, msg_id)| key_blocks::Key { msg_id, app, id: 1 })
+            .collect();
+        keys.sort_by(|a, b| (a.msg_id, a.app).cmp(&(b.msg_id, b.app)));
+        key_blocks::insert(&conn, &keys).expect("keys");
         conn.execute_batch("COMMIT").expect("committed");
         conn
     }
 
     /// Writes a key into the table, as a merge does.
     fn merge(conn: &Connection, app: &str, msg_id: &str) {
-        conn.prepare_cached("INSERT INTO message_keys (app, msg_id, id) VALUES (?1, ?2, 1)")
-            .and_then(|mut insert| insert.execute(params![app, msg_id]))
-            .expect("key");
+        key_blocks::insert(conn, &[key_blocks::Key { msg_id, app, id: 1 }]).expect("key");
     }
 
-    /// The build reads the table in chunks, one ending between two apps' keys of one `msg_id`
-    /// (the `a` first puts the end there); the keys the run had pending and those added while
-    /// it read are in it too; keys neither there nor added are nearly all ruled out.
+    /// The build reads every key of the table, in chunks of blocks; the keys the run had
+    /// pending and those added while it read are in it too; keys neither there nor added are
+    /// nearly all ruled out.
     #[test]
     fn a_build_holds_every_key_of_the_table_and_every_key_added_meanwhile() {
         let dir = tempfile::tempdir().expect("temp dir");
         let path = dir.path().join("keys.sqlite3");
         let mut keys = vec![("shop".to_owned(), "a".to_owned())];
-        for n in 0..20_000 {
+        // Enough keys for several chunks of blocks.
+        for n in 0..60_000 {
             for app in ["blog", "shop"] {
                 keys.push((app.to_owned(), format!("m-{n:05}")));
             }
@@ -423,7 +416,7 @@ mod tests {
         filter.begin_build(std::iter::empty());
         filter.wait_built();
         assert!(filter.may_have("shop", "gone"));
-        conn.execute_batch("DELETE FROM message_keys; BEGIN")
+        conn.execute_batch("DELETE FROM message_key_blocks; BEGIN")
             .expect("purged");
         for n in 0..MIN_REBUILD_KEYS {
             assert!(!filter.build_due(), "at {n}");

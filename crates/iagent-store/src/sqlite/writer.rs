@@ -93,7 +93,7 @@ impl Database {
 enum Tail {
     /// The conversations' newest entries, into `history_heads`.
     HistoryHeads,
-    /// The keys of the newest dedup rows, into `message_keys`.
+    /// The keys of the newest dedup rows, into the merged keys.
     DedupKeys,
 }
 
