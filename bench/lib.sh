@@ -31,3 +31,16 @@ read_first_start() {
   url=$(grep -oE 'ws://[^ ]+' <<<"$command")
   token=$(grep -oE 'iat_[^ ]+' <<<"$command")
 }
+
+# The machine's CPU time stolen by the host (a virtual machine's neighbours) and its CPU time
+# in all, in clock ticks since boot: "steal total". Runs during which the host took a share
+# of the time are slower whatever is measured, so the scripts report that share.
+cpu_ticks() {
+  awk '$1 == "cpu" { total = 0; for (i = 2; i <= NF; i++) total += $i; print $9, total }' /proc/stat
+}
+
+# The percentage of CPU time stolen between two `cpu_ticks` readings, $1 and $2.
+steal_percent() {
+  awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ")
+    total = y[2] - x[2]; printf "%.1f", (total > 0 ? 100 * (y[1] - x[1]) / total : 0) }'
+}
