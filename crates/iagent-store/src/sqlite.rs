@@ -1186,8 +1186,8 @@ mod tests {
         (pragma("cache_size"), pragma("mmap_size"))
     }
 
-    /// Merges the key of `msg_id` behind the store's back, naming a row
-    /// that is not there, once the filter is built; tells the filter of it if `told`.
+    /// Merges the key of `msg_id` behind the store's back, naming a row that is not there,
+    /// once the filter is built; tells the filter of it if `told`.
     async fn write_bare_key(store: &SqliteStore, msg_id: &'static str, told: bool) {
         store
             .run_serving(move |database| {

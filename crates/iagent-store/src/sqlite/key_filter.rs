@@ -21,8 +21,9 @@
 //! at once). Keys removed from the table stay in the filter, and merged keys keep coming: once
 //! it holds as many keys as it has room for (at [`BITS_PER_KEY`]), the filter is built again,
 //! and the keys purged since leave it. A table with more keys than that is read again only
-//! after as many keys as it had are merged, a row read per key merged; the filter then rules
-//! out fewer keys, never wrongly.
+//! after as many keys as it had are merged, a key read per key merged; the filter then rules
+//! out fewer keys, never wrongly. The table is read a chunk of blocks at a time, each block
+//! decoded ([`super::key_blocks::scan`]).
 
 use std::hash::BuildHasher;
 use std::path::{Path, PathBuf};
