@@ -32,11 +32,12 @@ read_first_start() {
   token=$(grep -oE 'iat_[^ ]+' <<<"$command")
 }
 
-# The machine's CPU time stolen by the host (a virtual machine's neighbours) and its CPU time
-# in all, in clock ticks since boot: "steal total". Runs during which the host took a share
-# of the time are slower whatever is measured, so the scripts report that share.
+# Core $1's CPU time stolen by the host (a virtual machine's neighbours) and its CPU time in
+# all, in clock ticks since boot: "steal total". Runs during which the host took a share of
+# the time are slower whatever is measured, so the scripts report that share, for the
+# server's core and the load generator's apart.
 cpu_ticks() {
-  awk '$1 == "cpu" { total = 0; for (i = 2; i <= NF; i++) total += $i; print $9, total }' /proc/stat
+  awk -v cpu="cpu$1" '$1 == cpu { total = 0; for (i = 2; i <= NF; i++) total += $i; print $9, total }' /proc/stat
 }
 
 # The percentage of CPU time stolen between two `cpu_ticks` readings, $1 and $2.
