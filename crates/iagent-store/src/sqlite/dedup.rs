@@ -654,19 +654,19 @@ impl DedupKeys {
     fn expire_entries(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
         let mut keep_from = None;
         let mut expired = 0;
-        let mut forget = Forget::new(conn);
+        let mut forget = key_blocks::Gathered::new(|keys| key_blocks::remove(conn, keys).map(drop));
         chunks::for_each_after(conn, self.entries_expired, |entry| {
             if entry.at_ms >= before_ms {
                 keep_from = Some(entry.id);
                 return Ok(ControlFlow::Break(()));
             }
             if let Some(msg_id) = entry.msg_id {
-                forget.push(entry.app, msg_id, Record::Entry(entry.id))?;
+                forget.push(entry.app, msg_id, Record::Entry(entry.id).key_id())?;
                 expired += 1;
             }
             Ok(ControlFlow::Continue(()))
         })?;
-        forget.flush()?;
+        forget.finish()?;
         let keep_from = match keep_from {
             Some(id) => id,
             None => chunks::last_id(conn)?.unwrap_or(0) + 1,
@@ -694,7 +694,7 @@ impl DedupKeys {
             "INSERT INTO messages (id, app, msg_id, received_ms, response)
              VALUES (?1, ?2, ?3, ?4, ?5)",
         )?;
-        let mut forget = Forget::new(conn);
+        let mut forget = key_blocks::Gathered::new(|keys| key_blocks::remove(conn, keys).map(drop));
         chunks::for_each_after(conn, self.entries_expired, |entry| {
             if entry.id >= keep_from {
                 return Ok(ControlFlow::Break(()));
@@ -707,44 +707,14 @@ impl DedupKeys {
                     entry.at_ms,
                     entry.reply
                 ])?;
-                forget.push(entry.app, msg_id, Record::Entry(entry.id))?;
+                forget.push(entry.app, msg_id, Record::Entry(entry.id).key_id())?;
                 self.next_id += 1;
                 moved += 1;
             }
             Ok(ControlFlow::Continue(()))
         })?;
-        forget.flush()?;
+        forget.finish()?;
         Ok(moved > 0 || keep_from > self.entries_through.max(self.entries_expired) + 1)
-    }
-}
-
-/// Keys of records that are gone, removed from the merged keys a few thousand at a time.
-struct Forget<'c> {
-    conn: &'c Connection,
-    gathered: key_blocks::Gathered,
-}
-
-impl<'c> Forget<'c> {
-    fn new(conn: &'c Connection) -> Self {
-        Self {
-            conn,
-            gathered: key_blocks::Gathered::default(),
-        }
-    }
-
-    /// Removes the key of `msg_id` if it names `record`.
-    fn push(&mut self, app: &str, msg_id: &str, record: Record) -> Result<()> {
-        self.gathered.push(app, msg_id, record.key_id());
-        if self.gathered.len() >= key_blocks::GATHERED_KEYS {
-            self.flush()?;
-        }
-        Ok(())
-    }
-
-    fn flush(&mut self) -> Result<()> {
-        let conn = self.conn;
-        self.gathered
-            .flush(&mut |keys| key_blocks::remove(conn, keys).map(drop))
     }
 }
 

@@ -25,6 +25,7 @@ use std::ops::Range;
 use rusqlite::types::Type;
 use rusqlite::{Connection, OptionalExtension, Params, params};
 
+use super::run_order;
 use crate::Result;
 
 /// The size a block's encoded keys are kept near. The table is `WITHOUT ROWID`, whose rows
@@ -34,7 +35,7 @@ use crate::Result;
 pub(super) const BLOCK_BYTES: usize = 768;
 
 /// How many keys a migration or a purge gathers before it writes them into the blocks.
-pub(super) const GATHERED_KEYS: usize = 4096;
+const GATHERED_KEYS: usize = 4096;
 
 /// The first byte of a block's body: the layout of its keys (below).
 const FORMAT: u8 = 1;
@@ -116,7 +117,7 @@ pub(super) fn any(conn: &Connection, keys: &mut [(&str, &str)]) -> Result<bool> 
             return Ok(false);
         };
         let within = rest.partition_point(|&(app, msg_id)| (msg_id, app) <= block.place());
-        let held = Decoded::of(&block.body)?;
+        let held = Texts::of(&block.body)?;
         let mut held = held.keys().peekable();
         for &(app, msg_id) in &rest[..within] {
             while held.next_if(|key| key.place() < (msg_id, app)).is_some() {}
@@ -139,7 +140,7 @@ pub(super) fn insert(conn: &Connection, keys: &[Key<'_>]) -> Result<()> {
             return write(conn, None, &merged(std::iter::empty(), rest));
         };
         let within = rest.partition_point(|key| key.place() <= block.place());
-        let held = Decoded::of(&block.body)?;
+        let held = Texts::of(&block.body)?;
         write(conn, Some(&block), &merged(held.keys(), &rest[..within]))?;
         rest = &rest[within..];
     }
@@ -158,7 +159,7 @@ pub(super) fn remove(conn: &Connection, keys: &[Key<'_>]) -> Result<usize> {
         };
         let within = rest.partition_point(|key| key.place() <= block.place());
         let gone = &rest[..within];
-        let held = Decoded::of(&block.body)?;
+        let held = Texts::of(&block.body)?;
         let kept: Vec<Key<'_>> = held
             .keys()
             .filter(|key| {
@@ -202,63 +203,58 @@ fn for_selected(
     conn: &Connection,
     select: &str,
     params: impl Params,
-    mut write: impl FnMut(&[Key<'_>]) -> Result<()>,
+    write: impl FnMut(&[Key<'_>]) -> Result<()>,
 ) -> Result<()> {
     let mut statement = conn.prepare(select)?;
     let mut rows = statement.query(params)?;
-    let mut gathered = Gathered::default();
+    let mut gathered = Gathered::new(write);
     while let Some(row) = rows.next()? {
         let text = |index| row.get_ref(index).and_then(|value| Ok(value.as_str()?));
-        gathered.push(text(1)?, text(0)?, row.get(2)?);
-        if gathered.len() == GATHERED_KEYS {
-            gathered.flush(&mut write)?;
+        gathered.push(text(1)?, text(0)?, row.get(2)?)?;
+    }
+    gathered.finish()
+}
+
+/// Keys given one at a time, in any order, and given to `write` [`GATHERED_KEYS`] at a time,
+/// each batch sorted: for migrations and purges, whose keys come from scans of tables that
+/// may be large.
+pub(super) struct Gathered<W> {
+    texts: Texts,
+    write: W,
+}
+
+impl<W: FnMut(&[Key<'_>]) -> Result<()>> Gathered<W> {
+    pub(super) fn new(write: W) -> Self {
+        Self {
+            texts: Texts::default(),
+            write,
         }
     }
-    gathered.flush(&mut write)
-}
 
-/// Keys gathered to be written together.
-#[derive(Debug, Default)]
-pub(super) struct Gathered {
-    /// The keys' `msg_id`s and apps, one after the other.
-    text: String,
-    /// Each key's `msg_id` and app in `text`, and its id.
-    keys: Vec<(Range<usize>, Range<usize>, i64)>,
-}
-
-impl Gathered {
-    pub(super) fn push(&mut self, app: &str, msg_id: &str, id: i64) {
-        let start = self.text.len();
-        self.text.push_str(msg_id);
-        let msg_id_end = self.text.len();
-        self.text.push_str(app);
-        self.keys
-            .push((start..msg_id_end, msg_id_end..self.text.len(), id));
+    /// Adds a key; the keys gathered are written once there are [`GATHERED_KEYS`].
+    pub(super) fn push(&mut self, app: &str, msg_id: &str, id: i64) -> Result<()> {
+        self.texts.push(app, msg_id, id);
+        if self.texts.len() >= GATHERED_KEYS {
+            self.flush()?;
+        }
+        Ok(())
     }
 
-    pub(super) fn len(&self) -> usize {
-        self.keys.len()
+    /// Writes the keys gathered since the last batch.
+    pub(super) fn finish(mut self) -> Result<()> {
+        self.flush()
     }
 
     /// Gives `write` the keys, sorted, and forgets them.
-    pub(super) fn flush(&mut self, write: &mut impl FnMut(&[Key<'_>]) -> Result<()>) -> Result<()> {
-        if self.keys.is_empty() {
+    fn flush(&mut self) -> Result<()> {
+        if self.texts.len() == 0 {
             return Ok(());
         }
-        let mut keys: Vec<Key<'_>> = self
-            .keys
-            .iter()
-            .map(|(msg_id, app, id)| Key {
-                msg_id: &self.text[msg_id.clone()],
-                app: &self.text[app.clone()],
-                id: *id,
-            })
-            .collect();
+        let mut keys: Vec<Key<'_>> = self.texts.keys().collect();
         // Stable: of a key given twice, the later stays later.
         keys.sort_by(|a, b| a.place().cmp(&b.place()));
-        write(&keys)?;
-        self.text.clear();
-        self.keys.clear();
+        (self.write)(&keys)?;
+        self.texts.clear();
         Ok(())
     }
 }
@@ -294,8 +290,7 @@ pub(super) fn scan(
     while let Some(row) = rows.next()? {
         let mut keys = Decoder::new(row.get_ref(2)?.as_blob()?)?;
         while keys.next()? {
-            let text = |bytes| std::str::from_utf8(bytes).map_err(|_| corrupt(Corrupt::NotUtf8));
-            each(text(keys.app())?, text(keys.msg_id())?);
+            each(utf8(keys.app())?, utf8(keys.msg_id())?);
         }
         read += 1;
         if read == blocks {
@@ -407,7 +402,13 @@ fn write(conn: &Connection, block: Option<&Block>, keys: &[Key<'_>]) -> Result<(
         insert.execute(params![key.msg_id, key.app, end - first, piece(first..end)])?;
         first = end;
     }
-    let (count, body) = (keys.len() - first, piece(first..keys.len()));
+    // Unsplit, the stream is the block.
+    let count = keys.len() - first;
+    let body = if first == 0 {
+        stream.body
+    } else {
+        piece(first..keys.len())
+    };
     match block {
         Some(block) if block.place() == last.place() => {
             conn.prepare_cached(
@@ -464,26 +465,10 @@ impl<'a> Encoder<'a> {
 }
 
 fn put_front_coded(body: &mut Vec<u8>, before: &[u8], bytes: &[u8]) {
-    let shared = shared_prefix(before, bytes);
+    let shared = run_order::shared_len(before, bytes);
     put_varint(body, shared as u64);
     put_varint(body, (bytes.len() - shared) as u64);
     body.extend_from_slice(&bytes[shared..]);
-}
-
-/// How many bytes `a` and `b` begin with alike, compared eight at a time: keys share most of
-/// theirs (a sender's prefix), and a byte at a time this was most of a merge's encoding.
-fn shared_prefix(a: &[u8], b: &[u8]) -> usize {
-    let words = a
-        .chunks_exact(8)
-        .zip(b.chunks_exact(8))
-        .take_while(|(a, b)| a == b)
-        .count();
-    let at = words * 8;
-    at + a[at..]
-        .iter()
-        .zip(&b[at..])
-        .take_while(|(a, b)| a == b)
-        .count()
 }
 
 fn put_varint(body: &mut Vec<u8>, mut value: u64) {
@@ -575,40 +560,46 @@ fn varint(rest: &mut &[u8]) -> rusqlite::Result<u64> {
     Err(corrupt(Corrupt::Truncated))
 }
 
-/// A block's keys, decoded whole: their texts one after the other in one string.
-#[derive(Debug)]
-struct Decoded {
+/// A key's text as a block holds it.
+fn utf8(bytes: &[u8]) -> rusqlite::Result<&str> {
+    std::str::from_utf8(bytes).map_err(|_| corrupt(Corrupt::NotUtf8))
+}
+
+/// Keys held apart from where they came from: their texts one after the other in one string.
+#[derive(Debug, Default)]
+struct Texts {
     text: String,
     /// Each key's `msg_id` and app in `text`, and its id.
     keys: Vec<(Range<usize>, Range<usize>, i64)>,
 }
 
-impl Decoded {
+impl Texts {
+    /// A block's keys, decoded whole.
     fn of(body: &[u8]) -> rusqlite::Result<Self> {
         let mut keys = Decoder::new(body)?;
-        let mut text = Vec::with_capacity(body.len() * 4);
-        let mut ranges = Vec::new();
+        let mut texts = Self::default();
         while keys.next()? {
-            let start = text.len();
-            text.extend_from_slice(keys.msg_id());
-            let msg_id_end = text.len();
-            text.extend_from_slice(keys.app());
-            ranges.push((start..msg_id_end, msg_id_end..text.len(), keys.id));
+            texts.push(utf8(keys.app())?, utf8(keys.msg_id())?, keys.id);
         }
-        let text = String::from_utf8(text).map_err(|_| corrupt(Corrupt::NotUtf8))?;
-        // Each key's texts must begin and end on characters of their own.
-        if ranges.iter().any(|(msg_id, app, _)| {
-            !text.is_char_boundary(msg_id.start)
-                || !text.is_char_boundary(app.start)
-                || !text.is_char_boundary(app.end)
-        }) {
-            return Err(corrupt(Corrupt::NotUtf8));
-        }
-        Ok(Self { text, keys: ranges })
+        Ok(texts)
+    }
+
+    fn push(&mut self, app: &str, msg_id: &str, id: i64) {
+        let start = self.text.len();
+        self.text.push_str(msg_id);
+        let msg_id_end = self.text.len();
+        self.text.push_str(app);
+        self.keys
+            .push((start..msg_id_end, msg_id_end..self.text.len(), id));
     }
 
     fn len(&self) -> usize {
         self.keys.len()
+    }
+
+    fn clear(&mut self) {
+        self.text.clear();
+        self.keys.clear();
     }
 
     fn keys(&self) -> impl Iterator<Item = Key<'_>> {
@@ -887,6 +878,34 @@ mod tests {
             assert!(remove(&conn, &[key]).is_err(), "{body:?}");
             assert!(scan(&conn, None, 1, |_, _| {}).is_err(), "{body:?}");
         }
+    }
+
+    /// Keys selected from a table in no order, more than a batch gathers, are written batch
+    /// by batch, each sorted; removed the same way, they are all gone.
+    #[test]
+    fn selected_keys_are_written_and_removed_a_batch_at_a_time() {
+        let conn = database();
+        conn.execute_batch("CREATE TABLE selected (msg_id TEXT, app TEXT, id INTEGER)")
+            .expect("table");
+        let count = 2 * GATHERED_KEYS + 17;
+        for n in 0..count {
+            // Ids in an order unrelated to the keys'.
+            let id = (n * 7919 % count) as i64;
+            conn.execute(
+                "INSERT INTO selected VALUES (?1, 'shop', ?2)",
+                params![format!("m-{n}"), id],
+            )
+            .expect("row");
+        }
+        let select = "SELECT msg_id, app, id FROM selected ORDER BY id";
+        insert_selected(&conn, select, []).expect("inserted");
+        for n in 0..count {
+            let id = (n * 7919 % count) as i64;
+            let found = find(&conn, "shop", &format!("m-{n}")).expect("looked up");
+            assert_eq!(found, Some(id), "m-{n}");
+        }
+        assert_eq!(remove_selected(&conn, select, []).expect("removed"), count);
+        assert!(blocks(&conn).is_empty());
     }
 
     #[test]

@@ -65,13 +65,24 @@ fn shared_prefix_len<'a>(mut keys: impl Iterator<Item = &'a [u8]>) -> usize {
     let Some(first) = keys.next() else {
         return 0;
     };
-    keys.fold(first.len(), |shared, key| {
-        first[..shared]
-            .iter()
-            .zip(key)
-            .take_while(|(a, b)| a == b)
-            .count()
-    })
+    keys.fold(first.len(), |shared, key| shared_len(&first[..shared], key))
+}
+
+/// How many bytes `a` and `b` begin with alike, compared eight at a time: keys share most of
+/// theirs (a sender's prefix), and a byte at a time this was most of a block's encoding
+/// (`key_blocks`).
+pub(super) fn shared_len(a: &[u8], b: &[u8]) -> usize {
+    let words = a
+        .chunks_exact(8)
+        .zip(b.chunks_exact(8))
+        .take_while(|(a, b)| a == b)
+        .count();
+    let at = words * 8;
+    at + a[at..]
+        .iter()
+        .zip(&b[at..])
+        .take_while(|(a, b)| a == b)
+        .count()
 }
 
 /// The first 8 bytes of `bytes`, big-endian and padded with zeros.
