@@ -26,6 +26,16 @@ impl Progress {
         from..end
     }
 
+    /// Whether a merge of a run of `len` rows is behind its pace, with `appended` rows of the
+    /// next run's `period` in the tail since it was taken: every row of the run is due by the
+    /// time half a period has been appended. A merge that writes only as fast as rows come in
+    /// never catches up with them: each run is then longer than the one before (at saturation
+    /// 32 768 keys, then 93 701, 277 547, 807 624 within ten seconds), and the tail with it.
+    pub(super) fn behind(&self, len: usize, appended: usize, period: usize) -> bool {
+        let due = len.saturating_mul(appended.saturating_mul(2)) / period.max(1);
+        self.written + self.in_transaction < due.min(len)
+    }
+
     /// The open transaction committed; says whether all `len` rows of the run are written.
     pub(super) fn committed(&mut self, len: usize) -> bool {
         self.written += std::mem::take(&mut self.in_transaction);
@@ -85,6 +95,31 @@ mod tests {
         // Nothing more to write.
         assert_eq!(progress.next(10, 4), 10..10);
         assert!(progress.committed(10));
+    }
+
+    #[test]
+    fn a_run_is_due_by_half_the_next_period() {
+        let mut progress = Progress::default();
+        // Nothing appended since the run was taken: nothing due yet.
+        assert!(!progress.behind(100, 0, 1000));
+        // A quarter of the period appended: half the run is due.
+        assert!(progress.behind(100, 250, 1000));
+        progress.next(100, 49);
+        assert!(progress.behind(100, 250, 1000));
+        // Rows written in the open transaction count.
+        progress.next(100, 1);
+        assert!(!progress.behind(100, 250, 1000));
+        assert!(progress.behind(100, 260, 1000));
+        // Half a period and more: the whole run is due, and no more than it.
+        progress.next(100, 49);
+        assert!(progress.behind(100, 500, 1000));
+        assert!(progress.behind(100, 5000, 1000));
+        progress.next(100, 1);
+        assert!(progress.committed(100));
+        assert!(!progress.behind(100, 5000, 1000));
+        // A run far longer than a period is due at the same point.
+        assert!(Progress::default().behind(1_000_000, 500, 1000));
+        assert!(!Progress::default().behind(1_000_000, 0, 1000));
     }
 
     fn table(conn: &Connection) -> Vec<(i64, String)> {

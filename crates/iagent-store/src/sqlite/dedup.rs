@@ -53,8 +53,9 @@ pub const DEFAULT_DEDUP_MERGE_ROWS: usize = 32_768;
 /// The most keys one slice of a merge writes. A slice runs between two batches, in a
 /// transaction of its own (shared with the heads' slice, if one is due); whole, it took 0.5 to
 /// 1 ms at 5 000 messages/s. It is written 128 keys at a time and ends after the step it is in
-/// once jobs wait for the writer thread, which then run in its transaction. A slice follows
-/// every batch while a run is being written, so the keys go out faster than messages come in.
+/// once jobs wait for the writer thread, which then run in its transaction, unless the run is
+/// behind its pace ([`DedupKeys::merge_behind`]): ending at the first step, slices had written
+/// fewer keys than came in at saturation, and each run was longer than the one before.
 pub const DEDUP_MERGE_SLICE_ROWS: usize = 1024;
 
 /// The keys of the records a batch appended as history entries assuming that they were not
@@ -519,15 +520,25 @@ impl DedupKeys {
         self.run.is_some()
     }
 
+    /// Whether the run under way is behind its pace ([`bulk::Progress::behind`]): its slices
+    /// then go on while jobs wait.
+    pub(super) fn merge_behind(&self) -> bool {
+        self.run.as_ref().is_some_and(|run| {
+            run.progress
+                .behind(run.keys.len(), self.pending.len(), self.merge_rows)
+        })
+    }
+
     /// Takes the keys of the next run, every key not in one, if a run is due and none is
     /// under way.
     pub(super) fn take_run(&mut self) -> Option<TakenRun> {
         if self.run.is_some() || !self.merge_due() {
             return None;
         }
-        // Room for a run as long as this one: grown a key at a time, the list was copied
-        // whole at every doubling (0.65% of the CPU at saturation, `perf`).
-        let next = Vec::with_capacity(self.pending.len());
+        // Room for a run as long as this one and a quarter: grown a key at a time, the list
+        // was copied whole at every doubling (0.65% of the CPU at saturation, `perf`), and a
+        // run a batch longer than the one before doubled it once.
+        let next = Vec::with_capacity(self.pending.len() + self.pending.len() / 4);
         Some(TakenRun {
             keys: std::mem::replace(&mut self.pending, next),
             through: self.next_id - 1,

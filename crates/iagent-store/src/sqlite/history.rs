@@ -57,7 +57,8 @@ pub const DEFAULT_HISTORY_MERGE_ROWS: usize = 32_768;
 /// transaction of its own (shared with the dedup keys' slice, if one is due); whole, it took 1
 /// to 3 ms at 5 000 messages/s over 10 000 conversations. It is written 128 heads at a time and
 /// ends after the step it is in once jobs wait for the writer thread, which then run in its
-/// transaction. A slice follows every batch while a merge is under way.
+/// transaction, unless the merge is behind its pace ([`HistoryHeads::merge_behind`]). A slice
+/// follows every batch while a merge is under way.
 pub const HISTORY_MERGE_SLICE_ROWS: usize = 1024;
 
 /// The `store_meta` key of the last history id whose conversation's head `history_heads` has.
@@ -589,6 +590,15 @@ impl HistoryHeads {
     /// Whether a merge is under way, its heads sorted and ready to be written.
     pub(super) fn run_begun(&self) -> bool {
         self.run.is_some()
+    }
+
+    /// Whether the merge under way is behind its pace ([`bulk::Progress::behind`]): its
+    /// slices then go on while jobs wait.
+    pub(super) fn merge_behind(&self) -> bool {
+        self.run.as_ref().is_some_and(|run| {
+            run.progress
+                .behind(run.heads.len(), self.rows, self.merge_rows)
+        })
     }
 
     /// Ends the current period, if a merge is due and none is under way. The heads of the

@@ -97,10 +97,16 @@ fn order_of(bytes: &[u8]) -> u64 {
 /// names is left out (a run's places without the keys it writes once).
 pub(super) fn take_in_order<T>(items: Vec<T>, places: &[Place]) -> Vec<T> {
     let mut slots: Vec<Option<T>> = items.into_iter().map(Some).collect();
-    places
-        .iter()
-        .filter_map(|place| slots[place.index as usize].take())
-        .collect()
+    // Sized at once: collected from the `filter_map`, which tells no lower bound, the run was
+    // copied at every doubling, into fresh pages each time (4% of the CPU at saturation, the
+    // kernel's zeroing of the pages included, `perf`).
+    let mut sorted = Vec::with_capacity(places.len());
+    sorted.extend(
+        places
+            .iter()
+            .filter_map(|place| slots[place.index as usize].take()),
+    );
+    sorted
 }
 
 #[cfg(test)]

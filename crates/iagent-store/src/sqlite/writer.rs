@@ -70,6 +70,11 @@ impl Database {
         }
     }
 
+    /// Whether a merge under way is behind its pace: its slice must go on while jobs wait.
+    fn merge_behind(&self) -> bool {
+        self.history.merge_behind() || self.dedup.merge_behind()
+    }
+
     /// Writes the next `rows` of the merge [`sort_runs`] began into the tail's table, in the
     /// open transaction; says whether the merge's last rows are written.
     fn merge(&mut self, tail: Tail, rows: usize) -> Result<bool> {
@@ -491,8 +496,9 @@ const MERGE_STEP_ROWS: usize = 128;
 /// next batch. One transaction for both tails: each commit that split index pages out of order
 /// walks SQLite's whole page cache once, whatever it wrote. A slice is written a step of
 /// [`MERGE_STEP_ROWS`] per tail at a time, and ends early, after at least one step, once
-/// `jobs_waiting` says jobs were handed over: its transaction is then left open for them, and
-/// the tails it wrote are returned, to be told [`Database::merged`] once it commits.
+/// `jobs_waiting` says jobs were handed over, unless a merge is behind its pace
+/// ([`Database::merge_behind`]): its transaction is then left open for them, and the tails it
+/// wrote are returned, to be told [`Database::merged`] once it commits.
 fn merge_slices(database: &mut Database, jobs_waiting: &AtomicBool) -> Option<Vec<Tail>> {
     let due = [Tail::HistoryHeads, Tail::DedupKeys].map(|tail| database.slice_ready(tail));
     if !due.contains(&true) {
@@ -520,7 +526,7 @@ fn merge_slices(database: &mut Database, jobs_waiting: &AtomicBool) -> Option<Ve
                 }
             }
             written += MERGE_STEP_ROWS;
-            if writing.contains(&true) {
+            if writing.contains(&true) && !database.merge_behind() {
                 // On a busy core the runtime's thread may not run again before the slice
                 // ends, and only it hands jobs over: it gets to look for them, unless it has
                 // already (at saturation it has, and a yield would hold the handed jobs up
@@ -559,4 +565,58 @@ fn merge_slices(database: &mut Database, jobs_waiting: &AtomicBool) -> Option<Ve
 fn transaction(conn: &Connection, statement: &str) -> Result<()> {
     conn.prepare_cached(statement)?.execute([])?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use super::*;
+    use crate::sqlite::key_filter::KeyFilter;
+
+    /// Keys come in faster than a step of a merge writes them, and jobs always wait for the
+    /// writer thread, as at saturation: each slice still writes the run at its pace, so that
+    /// no run is much longer than a merge's worth of keys.
+    #[test]
+    fn merges_keep_up_with_keys_while_jobs_wait() {
+        let merge_rows = 512;
+        let per_batch = 2 * MERGE_STEP_ROWS;
+        let conn = Connection::open_in_memory().expect("database");
+        super::super::migrate(&conn).expect("tables");
+        let mut database = Database {
+            history: HistoryHeads::load(&conn, merge_rows).expect("heads"),
+            dedup: DedupKeys::load(&conn, merge_rows, KeyFilter::new(Path::new("unused"), 0))
+                .expect("keys"),
+            conn,
+        };
+        let jobs_waiting = AtomicBool::new(true);
+        let (mut longest_run, mut runs) = (0, 0);
+        for batch in 0..100 {
+            begin(&database).expect("begin");
+            for n in 0..per_batch {
+                let id = (batch * per_batch + n + 1) as i64;
+                database
+                    .dedup
+                    .inserted_entry("shop", &format!("m-{id}"), id);
+            }
+            transaction(&database, "COMMIT").expect("commit");
+            let pending = database.dedup.rows();
+            if let Some(taken) = database.dedup.take_run() {
+                longest_run = longest_run.max(pending);
+                runs += 1;
+                database.dedup.begin_run(taken.sorted());
+            }
+            if let Some(tails) = merge_slices(&mut database, &jobs_waiting) {
+                transaction(&database, "COMMIT").expect("commit");
+                for tail in tails {
+                    database.merged(tail);
+                }
+            }
+        }
+        assert!(runs > 20, "{runs} runs");
+        assert!(
+            longest_run <= merge_rows + per_batch,
+            "a run of {longest_run} keys"
+        );
+    }
 }
