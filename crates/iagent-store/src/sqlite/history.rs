@@ -498,12 +498,31 @@ impl HistoryHeads {
         {
             return Ok(false);
         }
-        let prev = match self.tail_head(app, &entry.conversation) {
-            Some(prev) => Some(prev),
-            None => merged_head(appends.conn, app, &entry.conversation)?,
+        let id = self.next_id;
+        let head = Head {
+            id,
+            period: self.period,
         };
-        appends.push(self.next_id, app, msg_id, entry, prev)?;
-        self.moved(app, &entry.conversation, self.next_id);
+        // The conversation's head in the tail is looked up once, and moved where it was
+        // found: a look-up for the previous head and another to move it had each missed the
+        // caches for the bucket and for the conversation's name (2.5% of the CPU at
+        // saturation, `perf`).
+        let known = self
+            .tail
+            .get_mut(app)
+            .and_then(|conversations| conversations.get_mut(&*entry.conversation));
+        match known {
+            Some(known) => {
+                appends.push(id, app, msg_id, entry, Some(known.id))?;
+                *known = head;
+                self.rows += 1;
+            }
+            None => {
+                let prev = merged_head(appends.conn, app, &entry.conversation)?;
+                appends.push(id, app, msg_id, entry, prev)?;
+                self.moved(app, &entry.conversation, id);
+            }
+        }
         self.next_id += 1;
         Ok(true)
     }
