@@ -212,35 +212,30 @@ impl Origins {
     }
 }
 
-/// A message being processed.
-#[derive(Debug)]
-struct Pending {
-    /// Where its response goes.
-    origins: Origins,
-    /// Its sender, whose count in [`InFlight::by_sender`] it holds.
-    sender: String,
-}
-
-/// The messages an app has in processing, by `msg_id` and counted by sender, and those whose
-/// agent deferred its reply. One lock covers both, so a message moves from one to the other
-/// without a moment in which a resend would find it in neither.
+/// The messages an app has in processing, by `msg_id` with where each one's response goes,
+/// and counted by sender, and those whose agent deferred its reply. One lock covers both, so a
+/// message moves from one to the other without a moment in which a resend would find it in
+/// neither.
 #[derive(Debug, Default)]
 struct InFlight {
-    by_msg: IdMap<String, Pending>,
+    by_msg: IdMap<String, Origins>,
     by_sender: IdMap<String, usize>,
     deferred: IdMap<String, Deferred>,
 }
 
 impl InFlight {
-    fn finish(&mut self, msg_id: &str) -> Option<Pending> {
-        let pending = self.by_msg.remove(msg_id)?;
-        if let Some(count) = self.by_sender.get_mut(&pending.sender) {
+    /// Ends `message`'s time in processing. Its sender is the one its `msg_id` was counted
+    /// for: a message whose `msg_id` is in processing already is a duplicate, whatever its
+    /// sender, and counted for nobody.
+    fn finish(&mut self, message: &Message) -> Option<Origins> {
+        let origins = self.by_msg.remove(&message.msg_id)?;
+        if let Some(count) = self.by_sender.get_mut(&message.sender_id) {
             *count -= 1;
             if *count == 0 {
-                self.by_sender.remove(&pending.sender);
+                self.by_sender.remove(&message.sender_id);
             }
         }
-        Some(pending)
+        Some(origins)
     }
 }
 
@@ -315,14 +310,18 @@ impl Drop for Admission {
 
 /// What became of a message offered to [`AppState::begin`].
 pub(crate) enum Begin {
-    /// Its processing is ours: it has been queued.
+    /// Its processing is ours, and its conversation had none under way: the caller starts
+    /// the conversation's worker with it. Handed back rather than queued, it costs its
+    /// conversation no queue and its worker no look-up to take it.
+    Start(Job),
+    /// Its processing is ours: it waits in its conversation's queue.
     Queued,
     /// The same `msg_id` is being processed: its one response will follow on this connection.
     Duplicate,
     /// The app is at its in-flight limit.
-    Overloaded(Box<Job>),
+    Overloaded(Job),
     /// The message's sender is at its in-flight limit.
-    SenderBusy(Box<Job>),
+    SenderBusy(Job),
 }
 
 impl AppState {
@@ -420,31 +419,26 @@ impl AppState {
     }
 
     /// Offers a valid message for processing: deduplicates it against the messages in flight,
-    /// applies the in-flight limit, and queues it on its conversation. Returns the conversation
-    /// when a worker must be started for it.
-    pub(crate) fn begin(
-        &self,
-        job: Job,
-        origin: ConnId,
-        limits: InFlightLimits,
-    ) -> (Begin, Option<ConversationKey>) {
+    /// applies the in-flight limits, and queues it on its conversation, or hands it back to
+    /// start the conversation's worker with when it has none.
+    pub(crate) fn begin(&self, job: Job, origin: ConnId, limits: InFlightLimits) -> Begin {
         {
             let mut in_flight = lock(&self.in_flight);
             // The pool's lock is never held while this one is taken.
             let open = |id| self.member(id).is_some();
-            if let Some(known) = in_flight.by_msg.get_mut(&job.message.msg_id) {
-                known.origins.resent_on(origin, open);
-                return (Begin::Duplicate, None);
+            if let Some(origins) = in_flight.by_msg.get_mut(&job.message.msg_id) {
+                origins.resent_on(origin, open);
+                return Begin::Duplicate;
             }
             if let Some(waiting) = in_flight.deferred.get_mut(&job.message.msg_id) {
                 match &mut waiting.origins {
                     Some(origins) => origins.resent_on(origin, open),
                     None => waiting.origins = Some(Origins::new(origin)),
                 }
-                return (Begin::Duplicate, None);
+                return Begin::Duplicate;
             }
             if in_flight.by_msg.len() >= limits.per_app {
-                return (Begin::Overloaded(Box::new(job)), None);
+                return Begin::Overloaded(job);
             }
             let sender = &job.message.sender_id;
             match in_flight.by_sender.get_mut(sender) {
@@ -452,23 +446,21 @@ impl AppState {
                 None if limits.per_sender > 0 => {
                     in_flight.by_sender.insert(sender.clone(), 1);
                 }
-                _ => return (Begin::SenderBusy(Box::new(job)), None),
+                _ => return Begin::SenderBusy(job),
             }
-            let pending = Pending {
-                origins: Origins::new(origin),
-                sender: sender.clone(),
-            };
-            in_flight.by_msg.insert(job.message.msg_id.clone(), pending);
+            in_flight
+                .by_msg
+                .insert(job.message.msg_id.clone(), Origins::new(origin));
         }
         match lock(&self.conversations).entry(job.conversation.clone()) {
             Entry::Occupied(mut queue) => {
                 queue.get_mut().push_back(job);
-                (Begin::Queued, None)
+                Begin::Queued
             }
             Entry::Vacant(slot) => {
-                let key = slot.key().clone();
-                slot.insert(VecDeque::from([job]));
-                (Begin::Queued, Some(key))
+                // An empty queue: the conversation has a worker, and nothing waits for it.
+                slot.insert(VecDeque::new());
+                Begin::Start(job)
             }
         }
     }
@@ -489,10 +481,8 @@ impl AppState {
     }
 
     /// Ends a message's time in flight; returns where its response goes.
-    pub(crate) fn finish(&self, msg_id: &str) -> Option<Origins> {
-        lock(&self.in_flight)
-            .finish(msg_id)
-            .map(|pending| pending.origins)
+    pub(crate) fn finish(&self, message: &Message) -> Option<Origins> {
+        lock(&self.in_flight).finish(message)
     }
 
     /// Moves a message from processing to waiting for its pushed reply; `false` (and nothing
@@ -502,9 +492,7 @@ impl AppState {
         if in_flight.deferred.len() >= max {
             return false;
         }
-        let origins = in_flight
-            .finish(&message.msg_id)
-            .map(|pending| pending.origins);
+        let origins = in_flight.finish(message);
         let deferred = Deferred {
             message: message.clone(),
             agent: agent.to_owned(),

@@ -73,13 +73,15 @@ pub(crate) struct Job {
     pub(crate) permit: OwnedSemaphorePermit,
 }
 
-/// Works through a conversation's queue until it is empty.
+/// Processes `first`, then works through its conversation's queue until it is empty.
 ///
 /// Most conversations have one message in flight, so a task is spawned for nearly every
 /// message. Each message's processing is boxed: the task then holds a pointer rather than the
 /// whole state of processing (about 1.7 KiB), which spawning and finishing a task copied
 /// several times.
-pub(crate) async fn run(gateway: Arc<Gateway>, app: Arc<AppState>, key: ConversationKey) {
+pub(crate) async fn run(gateway: Arc<Gateway>, app: Arc<AppState>, first: Job) {
+    let key = first.conversation.clone();
+    Box::pin(process(&gateway, &app, first)).await;
     while let Some(job) = app.next_job(&key) {
         Box::pin(process(&gateway, &app, job)).await;
     }
@@ -109,7 +111,7 @@ async fn process(gateway: &Arc<Gateway>, app: &Arc<AppState>, job: Job) {
     if frame.as_ref().is_some_and(|frame| frame.answered_here) {
         gateway.metrics.observe_latency(received.elapsed());
     }
-    let origins = app.finish(&message.msg_id);
+    let origins = app.finish(&message);
     if let Some(frame) = frame {
         delivery::deliver_answer(gateway, app, frame.text.into(), origins).await;
     }

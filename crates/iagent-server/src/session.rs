@@ -279,24 +279,24 @@ impl Session {
             per_sender: limits.max_in_flight_per_sender,
         };
         match app.begin(job, self.id, in_flight) {
-            (Begin::Queued, Some(key)) => {
-                let worker = conversation::run(gateway.clone(), app.clone(), key);
+            Begin::Start(job) => {
+                let worker = conversation::run(gateway.clone(), app.clone(), job);
                 gateway
                     .work
                     .spawn(worker.instrument(app.conversation_span.clone()));
             }
-            (Begin::Queued, None) => {}
-            (Begin::Duplicate, _) => {
+            Begin::Queued => {}
+            Begin::Duplicate => {
                 app.counters.duplicates.fetch_add(1, Ordering::Relaxed);
             }
-            (Begin::Overloaded(job), _) => {
+            Begin::Overloaded(job) => {
                 let cause = format!(
                     "overloaded: the app has {} messages in flight, its limit; resend later",
                     limits.max_in_flight_per_app
                 );
                 self.refuse(&job.message, job.agent.id(), cause).await;
             }
-            (Begin::SenderBusy(job), _) => {
+            Begin::SenderBusy(job) => {
                 let cause = format!(
                     "sender busy: {} has {} messages in flight, the limit per sender; resend later",
                     job.message.sender_id, limits.max_in_flight_per_sender
