@@ -251,7 +251,8 @@ pub(super) struct Shared {
     /// owed before the next batch.
     merge_asked: AtomicBool,
     /// Whether jobs were handed to the writer thread since it last took them: a merge's slice
-    /// then ends early, so that they wait for one step of it and not the whole slice.
+    /// then ends early, unless the merge is behind its pace, so that they wait for one step of
+    /// it and not the whole slice.
     jobs_waiting: AtomicBool,
 }
 
@@ -369,8 +370,9 @@ fn take_handed(
 }
 
 /// Writes the next slice of every merge that is due. A slice during which jobs were handed
-/// over ends early and commits with them (as many as a batch holds), so that they wait for a
-/// step of it and their own work, not for the slice's commit and then theirs. A merge that
+/// over ends early, unless a merge is behind its pace, and commits with them (as many as a
+/// batch holds), so that they wait for a step of it and their own work, not for the slice's
+/// commit and then theirs. A merge that
 /// begins while no job waits here has its run sorted with the database let go (see
 /// [`sort_runs`]).
 fn write_merge<'a>(
@@ -485,8 +487,8 @@ fn rollback(database: &mut Database) {
 }
 
 /// How many rows of each tail a slice of a merge writes before it looks whether jobs were
-/// handed to the writer thread meanwhile, and ends early if some were: a batch then waits for
-/// a step of the merge, not a whole slice. A whole slice of 1 024 keys and heads had held up
+/// handed to the writer thread meanwhile, and ends early if some were and no merge is behind
+/// its pace: a batch then waits for a step of the merge, not a whole slice. A whole slice of 1 024 keys and heads had held up
 /// the batches behind it for 1 to 3 ms at 10 000 messages/s, and the merges' slices were most
 /// of the open loop's p99 (BENCHMARKS.md).
 const MERGE_STEP_ROWS: usize = 128;
