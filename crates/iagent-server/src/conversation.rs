@@ -428,7 +428,10 @@ async fn answer(
         history,
         files: &files,
     };
+    // The agent first: one that answers at once (the built-in ones do) is never raced against
+    // the shutdown, whose future would otherwise join its token's waiters and leave again.
     let outcome = tokio::select! {
+        biased;
         outcome = tokio::time::timeout(deadline, agent.reply(turn)) => outcome.unwrap_or_else(|_| {
             Err(AgentError::Timeout { agent: agent.id().to_owned(), deadline })
         }),

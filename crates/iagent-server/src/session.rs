@@ -137,6 +137,12 @@ impl Session {
         pings.tick().await;
         let mut last_heard = Instant::now();
         let mut held = None;
+        // Made once and polled again at every frame: a cancellation future made anew for each
+        // frame put itself in its token's list of waiters, under the list's lock, and took
+        // itself out again when the frame won the race (twice a message for the two tokens).
+        let stopping = self.gateway.stopping.cancelled();
+        let gone = self.gone.cancelled();
+        tokio::pin!(stopping, gone);
         loop {
             // Back-pressure: a connection with all its permits in use is not read until one of
             // its messages is answered.
@@ -147,8 +153,8 @@ impl Session {
                     Err(_) => {
                         let permit = tokio::select! {
                             biased;
-                            () = self.gateway.stopping.cancelled() => return ReadEnd::Stopping,
-                            () = self.gone.cancelled() => return ReadEnd::WriterGone,
+                            () = &mut stopping => return ReadEnd::Stopping,
+                            () = &mut gone => return ReadEnd::WriterGone,
                             permit = self.permits.clone().acquire_owned() => match permit {
                                 Ok(permit) => permit,
                                 Err(_) => return ReadEnd::WriterGone,
@@ -163,8 +169,8 @@ impl Session {
             };
             let frame = tokio::select! {
                 biased;
-                () = self.gateway.stopping.cancelled() => return ReadEnd::Stopping,
-                () = self.gone.cancelled() => return ReadEnd::WriterGone,
+                () = &mut stopping => return ReadEnd::Stopping,
+                () = &mut gone => return ReadEnd::WriterGone,
                 _ = pings.tick() => {
                     if last_heard.elapsed() >= timeouts.dead_after() {
                         return ReadEnd::Dead;
