@@ -30,7 +30,7 @@ impl Progress {
     /// next run's `period` in the tail since it was taken: every row of the run is due by the
     /// time half a period has been appended. A merge that writes only as fast as rows come in
     /// never catches up with them: each run is then longer than the one before (at saturation
-    /// 32 768 keys, then 93 701, 277 547, 807 624 within ten seconds), and the tail with it.
+    /// 32 790 keys, then 93 701, 277 547, 807 624 within ten seconds), and the tail with it.
     pub(super) fn behind(&self, len: usize, appended: usize, period: usize) -> bool {
         let due = len.saturating_mul(appended.saturating_mul(2)) / period.max(1);
         self.written + self.in_transaction < due.min(len)
