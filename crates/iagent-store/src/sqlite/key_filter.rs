@@ -298,9 +298,8 @@ impl Drop for Build {
 }
 
 /// The bits of every key in `message_key_blocks` of the database at `path`, and how many,
-/// unless
-/// `cancel` stops it: read in key order, a chunk per statement, each after the last key of the
-/// one before.
+/// unless `cancel` stops it: read in key order, a chunk of blocks per statement, each after
+/// the last block of the one before.
 fn read_keys(
     path: &Path,
     mib: usize,
