@@ -13,6 +13,7 @@ mod chunks;
 mod committer;
 mod dedup;
 mod directory_lock;
+mod entry_log;
 mod history;
 mod key_blocks;
 mod key_filter;
@@ -29,6 +30,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 pub use dedup::DEFAULT_DEDUP_MERGE_ROWS;
 pub use directory_lock::LOCK_FILE;
+pub use entry_log::{DEFAULT_ENTRY_LOG_KIB, ENTRY_LOG_FILE};
 pub use history::{DEFAULT_HISTORY_MERGE_ROWS, HISTORY_MERGE_SLICE_ROWS};
 pub use key_filter::DEFAULT_DEDUP_FILTER_MIB;
 
@@ -125,6 +127,9 @@ pub struct Options {
     pub dedup_filter_mib: usize,
     /// How many jobs the store takes at once (see [`DEFAULT_QUEUE_CAPACITY`]); at least one.
     pub queue_capacity: usize,
+    /// How many KiB of history entries the entry log holds before they are written into the
+    /// database (see [`DEFAULT_ENTRY_LOG_KIB`]); 0 writes every batch into the database.
+    pub entry_log_kib: usize,
 }
 
 impl Default for Options {
@@ -137,6 +142,7 @@ impl Default for Options {
             mmap_mib: DEFAULT_MMAP_MIB,
             dedup_filter_mib: DEFAULT_DEDUP_FILTER_MIB,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
+            entry_log_kib: DEFAULT_ENTRY_LOG_KIB,
         }
     }
 }
@@ -185,9 +191,13 @@ impl SqliteStore {
         let conn = Connection::open(&path)?;
         configure(&conn, &options)?;
         // One transaction: a process stopped halfway through moving a table over leaves the
-        // database as it was.
+        // database as it was. The serving store writes what the entry log holds in it too.
         conn.execute_batch("BEGIN IMMEDIATE")?;
         migrate(&conn)?;
+        let log = match lock {
+            Some(_) => Some(entry_log::recover(&conn, data_dir, options.durability)?),
+            None => None,
+        };
         conn.execute_batch("COMMIT")?;
         let history = history::HistoryHeads::load(&conn, options.history_merge_rows)?;
         // A shared store records nothing, and looks no key up.
@@ -198,11 +208,16 @@ impl SqliteStore {
         };
         let filter = key_filter::KeyFilter::new(&path, filter_mib);
         let dedup = dedup::DedupKeys::load(&conn, options.dedup_merge_rows, filter)?;
-        let database = Database {
-            conn,
-            history,
-            dedup,
-        };
+        let mut database = Database::new(conn, history, dedup);
+        if let Some(log) = log {
+            let log = log.emptied().map_err(|source| StoreError::DataDir {
+                path: data_dir.join(ENTRY_LOG_FILE),
+                source,
+            })?;
+            if options.entry_log_kib > 0 {
+                database.log_to(log, options.entry_log_kib.saturating_mul(1024));
+            }
+        }
         let (stop_checkpoints, checkpoints_stopped) = std::sync::mpsc::channel();
         checkpoint::start(&path, options.durability, checkpoints_stopped)?;
         let shared = Arc::new(Shared::new(database));
@@ -270,6 +285,19 @@ impl SqliteStore {
         F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
     {
         Box::pin(self.committer.run(work))
+    }
+
+    /// Runs `work` like [`SqliteStore::run_serving`], in a batch that may go to the entry log:
+    /// `work` must write nothing but the entries it appends through the batch.
+    fn run_appending<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
+    {
+        if !self.serves {
+            return Box::pin(std::future::ready(Err(StoreError::Shared)));
+        }
+        Box::pin(self.committer.run_appending(work))
     }
 
     /// Runs `work` like [`SqliteStore::run`] if this store serves from its directory: work
@@ -814,29 +842,37 @@ impl Store for SqliteStore {
     }
 
     fn record(&self, completion: Completion, received_ms: i64) -> BoxFuture<'_, Result<Claim>> {
-        self.run_serving(move |database| {
-            let (app, msg_id) = (&completion.app, &completion.msg_id);
-            if let Some(id) = database.dedup.find_recent(app, msg_id) {
-                return earlier_claim(database, id);
-            }
-            // A response that is its history entry's reply is stored once, in the entry, which
-            // is then the message's record.
-            if let [entry] = completion.history.as_slice()
-                && entry.reply.as_ref() == Some(&completion.response)
-            {
+        // A response that is its history entry's reply is stored once, in the entry, which is
+        // then the message's record: the job only appends an entry.
+        let in_entry = matches!(
+            completion.history.as_slice(),
+            [entry] if entry.reply.as_ref() == Some(&completion.response)
+        );
+        if in_entry {
+            return self.run_appending(move |database| {
+                let (app, msg_id) = (&completion.app, &completion.msg_id);
+                if let Some(id) = database.dedup.find_recent(app, msg_id) {
+                    return earlier_claim(database, id);
+                }
                 let Batch {
                     history,
                     dedup,
                     appends,
                     ..
                 } = database;
-                return match history.append_record(appends, app, msg_id, entry)? {
+                match history.append_record(appends, app, msg_id, &completion.history[0])? {
                     Some(id) => {
                         dedup.inserted_entry(app, msg_id, id);
                         Ok(Claim::New)
                     }
                     None => earlier_merged_claim(database, app, msg_id),
-                };
+                }
+            });
+        }
+        self.run_serving(move |database| {
+            let (app, msg_id) = (&completion.app, &completion.msg_id);
+            if let Some(id) = database.dedup.find_recent(app, msg_id) {
+                return earlier_claim(database, id);
             }
             let claim = insert_row(
                 database,
@@ -936,7 +972,7 @@ impl Store for SqliteStore {
 
     fn append_history(&self, app: &str, entries: Vec<HistoryEntry>) -> BoxFuture<'_, Result<()>> {
         let app = app.to_owned();
-        self.run_serving(move |database| database.append_history(&app, &entries))
+        self.run_appending(move |database| database.append_history(&app, &entries))
     }
 
     fn unanswered(&self) -> BoxFuture<'_, Result<Vec<Unanswered>>> {

@@ -425,7 +425,14 @@ async fn assert_echo_answered(store: &SqliteStore, msg_id: &str) {
     assert_eq!(again, Claim::Answered(format!("response to {msg_id}")));
 }
 
-/// How many times `text` is stored, over every column of the dedup and history tables.
+/// Has the store write what its entry log holds into the database: every transaction does so
+/// first, and reading the apps is one.
+async fn write_entry_log(store: &SqliteStore) {
+    store.list_apps().await.expect("a transaction");
+}
+
+/// How many times `text` is stored, over every column of the dedup and history tables. The
+/// newest entries may be in the entry log still: see [`write_entry_log`].
 fn copies_stored(dir: &Path, text: &str) -> i64 {
     let path = dir.join("iagent.sqlite3");
     let conn = rusqlite::Connection::open(&path).unwrap();
@@ -451,6 +458,7 @@ async fn a_response_that_is_its_entrys_reply_is_stored_once_and_served_to_resend
         store.record(echoed("m1", NOW), NOW).await.unwrap(),
         Claim::New
     );
+    write_entry_log(&store).await;
     assert_eq!(copies_stored(dir.path(), "response to m1"), 1);
     assert_echo_answered(&store, "m1").await;
     assert_eq!(
@@ -486,11 +494,12 @@ async fn a_write_whose_caller_gives_up_once_it_is_queued_is_committed_all_the_sa
     );
     drop(write);
     // Nothing else goes through the store: had the job stayed queued, nobody would commit it.
-    assert_eq!(copies_stored(dir.path(), "response to m1"), 1);
     assert_echo_answered(&store, "m1").await;
+    write_entry_log(&store).await;
+    assert_eq!(copies_stored(dir.path(), "response to m1"), 1);
 }
 
-/// Another connection holding the write lock, and the echo of `m1` written meanwhile, given
+/// Another connection holding the write lock, and the claim of `m1` written meanwhile, given
 /// the time to find the lock held; the lock is released by committing the connection.
 async fn write_under_another_lock(
     store: &Arc<SqliteStore>,
@@ -502,7 +511,7 @@ async fn write_under_another_lock(
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
     let write = tokio::spawn({
         let store = store.clone();
-        async move { store.record(echoed("m1", NOW), NOW).await }
+        async move { store.claim("shop", "m1", "inbound m1".into(), NOW).await }
     });
     tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     (other, write)
@@ -518,7 +527,174 @@ async fn a_write_that_finds_the_database_locked_is_committed_once_the_lock_is_re
     assert!(!write.is_finished(), "committed under another's lock");
     other.execute_batch("COMMIT").unwrap();
     assert_eq!(write.await.unwrap().unwrap(), Claim::New);
-    assert_echo_answered(&store, "m1").await;
+    let again = store.claim("shop", "m1", "again".into(), NOW).await;
+    assert_eq!(again.unwrap(), Claim::Pending);
+}
+
+#[tokio::test]
+async fn an_echo_is_answered_from_the_entry_log_while_another_connection_holds_the_lock() {
+    let (dir, store) = fresh();
+    let other = rusqlite::Connection::open(store.path()).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let echo = store.record(echoed("m1", NOW), NOW);
+    let answered = tokio::time::timeout(std::time::Duration::from_secs(5), echo).await;
+    assert_eq!(
+        answered.expect("answered under the lock").unwrap(),
+        Claim::New
+    );
+    // A resend is answered from the entry the log holds.
+    assert_eq!(
+        store.record(echoed("m1", NOW), NOW).await.unwrap(),
+        Claim::Answered("response to m1".into())
+    );
+    assert_eq!(copies_stored(dir.path(), "response to m1"), 0, "in the log");
+    other.execute_batch("COMMIT").unwrap();
+    assert_eq!(
+        store.history("shop", "c", 10).await.unwrap(),
+        ["message m1", "response to m1"]
+    );
+    drop(store);
+    assert_eq!(
+        copies_stored(dir.path(), "response to m1"),
+        1,
+        "written on close"
+    );
+    let log = std::fs::metadata(dir.path().join(iagent_store::ENTRY_LOG_FILE)).unwrap();
+    assert_eq!(log.len(), 0, "emptied on close");
+}
+
+/// The files of the data directory `from` as a process killed now would leave them, copied
+/// into `to`: what was written is in the operating system's hands, whether or not SQLite or
+/// the entry log wrote it further. The WAL index (`-shm`) is left behind, as a reboot would
+/// (SQLite rebuilds it from the WAL), and so is the directory's lock, which went with the
+/// process.
+fn as_if_killed(from: &Path, to: &Path) {
+    for file in std::fs::read_dir(from).unwrap() {
+        let file = file.unwrap();
+        let name = file.file_name().into_string().unwrap();
+        if file.file_type().unwrap().is_file()
+            && !name.ends_with("-shm")
+            && name != iagent_store::LOCK_FILE
+        {
+            std::fs::copy(file.path(), to.join(&name)).unwrap();
+        }
+    }
+}
+
+/// Echoes `m0` to `m{count - 1}`, in conversation `c`, each answered.
+async fn echo_all(store: &SqliteStore, count: usize) -> Vec<String> {
+    let msg_ids: Vec<String> = (0..count).map(|n| format!("m{n}")).collect();
+    for msg_id in &msg_ids {
+        let claim = store.record(echoed(msg_id, NOW), NOW).await.unwrap();
+        assert_eq!(claim, Claim::New, "{msg_id}");
+    }
+    msg_ids
+}
+
+/// Each of `msg_ids` is answered with its echo, and the conversation's history holds them in
+/// order.
+async fn assert_echoes_kept(store: &SqliteStore, msg_ids: &[String]) {
+    for msg_id in msg_ids {
+        assert_eq!(
+            store.record(echoed(msg_id, NOW), NOW).await.unwrap(),
+            Claim::Answered(format!("response to {msg_id}")),
+            "{msg_id}"
+        );
+    }
+    let expected: Vec<String> = msg_ids
+        .iter()
+        .flat_map(|msg_id| [format!("message {msg_id}"), format!("response to {msg_id}")])
+        .collect();
+    assert_eq!(store.history("shop", "c", 100).await.unwrap(), expected);
+}
+
+#[tokio::test]
+async fn echoes_answered_from_the_entry_log_survive_a_kill() {
+    let (dir, store) = fresh();
+    // Some entries written into the database by a transaction, the rest only in the log.
+    let mut msg_ids = echo_all(&store, 3).await;
+    write_entry_log(&store).await;
+    for n in 3..8 {
+        let msg_id = format!("m{n}");
+        store.record(echoed(&msg_id, NOW), NOW).await.unwrap();
+        msg_ids.push(msg_id);
+    }
+    let killed = tempfile::tempdir().unwrap();
+    as_if_killed(dir.path(), killed.path());
+    assert_eq!(
+        copies_stored(killed.path(), "response to m7"),
+        0,
+        "in the log"
+    );
+    drop(store);
+
+    let store = open(killed.path());
+    assert_eq!(
+        copies_stored(killed.path(), "response to m7"),
+        1,
+        "read back"
+    );
+    assert_echoes_kept(&store, &msg_ids).await;
+    // New entries go on from the last one read back.
+    store.record(echoed("m8", NOW), NOW).await.unwrap();
+    msg_ids.push("m8".into());
+    drop(store);
+    let store = open(killed.path());
+    assert_echoes_kept(&store, &msg_ids).await;
+}
+
+#[tokio::test]
+async fn a_frame_cut_short_by_a_kill_is_dropped_and_the_frames_before_it_kept() {
+    let (dir, store) = fresh();
+    let msg_ids = echo_all(&store, 4).await;
+    let killed = tempfile::tempdir().unwrap();
+    as_if_killed(dir.path(), killed.path());
+    store.record(echoed("cut", NOW), NOW).await.unwrap();
+    drop(store);
+    // The last frame as a kill in the middle of its write leaves it: its header and part of
+    // its entries.
+    let log = killed.path().join(iagent_store::ENTRY_LOG_FILE);
+    let whole = std::fs::metadata(&log).unwrap().len();
+    let mut bytes = std::fs::read(&log).unwrap();
+    bytes.extend_from_slice(&[0x2a, 0, 0, 0, 0x11, 0x22, 0x33, 0x44, b'{']);
+    std::fs::write(&log, &bytes).unwrap();
+
+    let store = open(killed.path());
+    assert_echoes_kept(&store, &msg_ids).await;
+    assert_eq!(
+        store.record(echoed("cut", NOW), NOW).await.unwrap(),
+        Claim::New,
+        "never answered"
+    );
+    drop(store);
+    assert!(whole > 0);
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 0, "emptied");
+}
+
+#[tokio::test]
+async fn a_failed_transaction_after_echoes_in_the_entry_log_keeps_them() {
+    let (dir, store) = fresh();
+    let msg_ids = echo_all(&store, 3).await;
+    // A transaction whose job fails is rolled back: the echoes before it were answered, and
+    // stay.
+    let unknown = store
+        .put_agent(
+            "no-such-app",
+            AgentRecord {
+                id: "a".into(),
+                kind: "echo".into(),
+                config: "{}".into(),
+            },
+        )
+        .await;
+    assert!(
+        matches!(unknown, Err(StoreError::UnknownApp(_))),
+        "{unknown:?}"
+    );
+    assert_echoes_kept(&store, &msg_ids).await;
+    drop(store);
+    let store = open(dir.path());
+    assert_echoes_kept(&store, &msg_ids).await;
 }
 
 #[tokio::test]
@@ -537,7 +713,7 @@ async fn a_write_over_the_capacity_waits_for_a_place_and_leaves_nothing_if_given
     drop(second);
     other.execute_batch("COMMIT").unwrap();
     assert_eq!(first.await.unwrap().unwrap(), Claim::New);
-    assert_echo_answered(&store, "m1").await;
+    write_entry_log(&store).await;
     assert_eq!(
         copies_stored(dir.path(), "response to m2"),
         0,
@@ -620,6 +796,7 @@ async fn message_texts_are_stored_packed_and_read_back_as_they_were() {
         let echo = completion("shop", msg_id, &reply, vec![entry]);
         assert_eq!(store.record(echo, NOW).await.unwrap(), Claim::New);
     }
+    write_entry_log(&store).await;
     let entries = SqliteStore::stored_entries(&dir.path().join("iagent.sqlite3")).unwrap();
     assert_eq!(entries.len(), 2);
     assert!(entries.iter().all(|entry| entry.packed), "{entries:?}");
@@ -1724,6 +1901,7 @@ async fn a_database_from_before_responses_were_stored_once_keeps_working() {
         store.record(echoed("after", NOW), NOW).await.unwrap(),
         Claim::New
     );
+    write_entry_log(&store).await;
     assert_eq!(copies_stored(dir.path(), "response to after"), 1);
     drop(store);
     let store = open(dir.path());

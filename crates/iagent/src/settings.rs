@@ -54,6 +54,7 @@ struct Serve {
     store_cache_mib: usize,
     store_mmap_mib: usize,
     store_queue: usize,
+    store_entry_log_kib: usize,
 }
 
 impl Default for Serve {
@@ -70,6 +71,7 @@ impl Default for Serve {
             store_cache_mib: iagent_store::DEFAULT_CACHE_MIB,
             store_mmap_mib: iagent_store::DEFAULT_MMAP_MIB,
             store_queue: iagent_store::DEFAULT_QUEUE_CAPACITY,
+            store_entry_log_kib: iagent_store::DEFAULT_ENTRY_LOG_KIB,
         }
     }
 }
@@ -122,6 +124,7 @@ impl Settings {
                 cache_mib: file.serve.store_cache_mib,
                 mmap_mib: file.serve.store_mmap_mib,
                 queue_capacity: file.serve.store_queue,
+                entry_log_kib: file.serve.store_entry_log_kib,
             },
             server: file.server,
             agents: file.agents,
@@ -173,6 +176,13 @@ const COMMENTS: &[(&str, &str)] = &[
         "store_queue",
         "Store jobs (claims, completions, reads) taken at once, queued or being committed.\n\
          At it: further messages wait for a place before they are processed.",
+    ),
+    (
+        "store_entry_log_kib",
+        "History entries, in KiB, answered from the entry log (one write per batch of\n\
+         messages that only append entries, such as the echo's) before they are written into\n\
+         the database in one transaction; 0 writes every batch into the database. At it: the\n\
+         entries are written into the database, and the log emptied.",
     ),
     (
         "max_frame_bytes",
@@ -431,7 +441,8 @@ mod tests {
         std::fs::write(
             &path,
             "[serve]\ndurability = \"power\"\nhistory_merge_rows = 7\ndedup_merge_rows = 9\n\
-             dedup_filter_mib = 13\nstore_cache_mib = 3\nstore_mmap_mib = 11\nstore_queue = 5\n",
+             dedup_filter_mib = 13\nstore_cache_mib = 3\nstore_mmap_mib = 11\nstore_queue = 5\n\
+             store_entry_log_kib = 17\n",
         )
         .expect("write");
         let store = Settings::load(Some(&path), None, None)
@@ -447,6 +458,7 @@ mod tests {
                 mmap_mib: 11,
                 dedup_filter_mib: 13,
                 queue_capacity: 5,
+                entry_log_kib: 17,
             }
         );
     }

@@ -120,68 +120,199 @@ const NONE: u8 = 2;
 /// An absent `msg_id`'s length.
 const NO_MSG_ID: u32 = u32::MAX;
 
-/// Entries gathered into a chunk that is not written yet.
+/// Entries gathered and not written yet: those of the batch being run, and those the entry
+/// log holds (see [`super::entry_log`]), which are written once enough have gathered. They
+/// are written as chunks of at most [`CHUNK_ENTRIES`] entries, each closed once it reaches
+/// [`CHUNK_BYTES`].
 ///
 /// Each entry is laid out as its id, `prev` (0 for none) and `at_ms` (8 bytes each, little
 /// endian), then `app`, `msg_id` and `conversation` (each a 4-byte length, [`NO_MSG_ID`] for
 /// no `msg_id`, and the bytes), then the message and the reply (each a kind, [`TEXT`],
-/// [`PACKED`] or [`NONE`] for no reply, then a 4-byte length and the bytes).
+/// [`PACKED`] or [`NONE`] for no reply, then a 4-byte length and the bytes). The entries are
+/// kept one after the other in that layout, which is also how the entry log holds them.
 #[derive(Debug, Default)]
 pub(super) struct Pending {
+    /// The entries, encoded one after the other.
     body: Vec<u8>,
-    first: i64,
-    last: i64,
-    entries: usize,
-    newest_ms: i64,
+    /// Where each entry begins in `body`, in id order.
+    marks: Vec<Mark>,
+    /// A chunk's body as it is written: [`FORMAT`] and its entries.
+    chunk: Vec<u8>,
+}
+
+/// An entry in [`Pending`]: what writing its chunk needs without decoding it.
+#[derive(Debug, Clone, Copy)]
+struct Mark {
+    start: usize,
+    id: i64,
+    at_ms: i64,
 }
 
 impl Pending {
-    /// Adds `entry`, whose id is above those of the entries gathered so far; writes the chunk
-    /// once it is full.
+    /// The entries encoded in `bytes`, one after the other, as [`Pending::since`] gave them.
+    pub(super) fn decode(bytes: Vec<u8>) -> Result<Self> {
+        let mut marks = Vec::new();
+        let mut reader = Reader { bytes: &bytes };
+        while !reader.bytes.is_empty() {
+            let start = bytes.len() - reader.bytes.len();
+            let entry = reader.entry().map_err(corrupt)?;
+            marks.push(Mark {
+                start,
+                id: entry.id,
+                at_ms: entry.at_ms,
+            });
+        }
+        Ok(Self {
+            body: bytes,
+            marks,
+            chunk: Vec::new(),
+        })
+    }
+
+    /// Adds `entry`, whose id is above those of the entries gathered so far; writes the
+    /// entries once they fill a chunk.
     pub(super) fn push(&mut self, conn: &Connection, entry: &Entry<'_>) -> Result<()> {
-        if self.entries == 0 {
-            self.body.clear();
-            self.body.push(FORMAT);
-            self.first = entry.id;
-            self.newest_ms = entry.at_ms;
-        }
-        let start = self.body.len();
-        if let Err(err) = encode(&mut self.body, entry) {
-            self.body.truncate(start);
-            return Err(err);
-        }
-        self.last = entry.id;
-        self.entries += 1;
-        self.newest_ms = self.newest_ms.max(entry.at_ms);
-        if self.entries >= CHUNK_ENTRIES || self.body.len() >= CHUNK_BYTES {
+        self.hold(entry)?;
+        if self.full() {
             self.write(conn)?;
         }
         Ok(())
     }
 
-    /// Writes the entries gathered so far as a chunk, if there are any.
-    pub(super) fn write(&mut self, conn: &Connection) -> Result<()> {
-        if self.entries == 0 {
-            return Ok(());
+    /// Adds `entry`, whose id is above those of the entries gathered so far, and writes
+    /// nothing.
+    pub(super) fn hold(&mut self, entry: &Entry<'_>) -> Result<()> {
+        let start = self.body.len();
+        if let Err(err) = encode(&mut self.body, entry) {
+            self.body.truncate(start);
+            return Err(err);
         }
-        conn.prepare_cached(
-            "INSERT INTO history_chunks (last, first, entries, newest_ms, body)
-             VALUES (?1, ?2, ?3, ?4, ?5)",
-        )?
-        .execute(params![
-            self.last,
-            self.first,
-            self.entries as i64,
-            self.newest_ms,
-            self.body
-        ])?;
-        self.entries = 0;
+        self.marks.push(Mark {
+            start,
+            id: entry.id,
+            at_ms: entry.at_ms,
+        });
         Ok(())
     }
 
-    /// Drops the entries gathered: the batch they were appended in was rolled back.
+    /// Whether the entries gathered fill a chunk.
+    fn full(&self) -> bool {
+        self.marks.len() >= CHUNK_ENTRIES || self.body.len() >= CHUNK_BYTES
+    }
+
+    /// How many entries are gathered.
+    pub(super) fn len(&self) -> usize {
+        self.marks.len()
+    }
+
+    /// Whether no entry is gathered.
+    pub(super) fn is_empty(&self) -> bool {
+        self.marks.is_empty()
+    }
+
+    /// The id of the newest entry gathered.
+    pub(super) fn last_id(&self) -> Option<i64> {
+        self.marks.last().map(|mark| mark.id)
+    }
+
+    /// How many bytes the entries gathered take.
+    pub(super) fn bytes(&self) -> usize {
+        self.body.len()
+    }
+
+    /// The entries gathered after the first `kept`, encoded one after the other.
+    pub(super) fn since(&self, kept: usize) -> &[u8] {
+        let start = self
+            .marks
+            .get(kept)
+            .map_or(self.body.len(), |mark| mark.start);
+        &self.body[start..]
+    }
+
+    /// Drops the entries gathered after the first `kept`.
+    pub(super) fn truncate(&mut self, kept: usize) {
+        if let Some(mark) = self.marks.get(kept) {
+            self.body.truncate(mark.start);
+            self.marks.truncate(kept);
+        }
+    }
+
+    /// Drops the entries whose id is not above `id`: written before.
+    pub(super) fn drop_through(&mut self, id: i64) {
+        let written = self.marks.partition_point(|mark| mark.id <= id);
+        let Some(start) = self.marks.get(written).map(|mark| mark.start) else {
+            return self.discard();
+        };
+        self.body.drain(..start);
+        self.marks.drain(..written);
+        for mark in &mut self.marks {
+            mark.start -= start;
+        }
+    }
+
+    /// Entry `id`, if it is gathered here.
+    pub(super) fn entry(&self, id: i64) -> Result<Option<Entry<'_>>> {
+        let Ok(at) = self.marks.binary_search_by_key(&id, |mark| mark.id) else {
+            return Ok(None);
+        };
+        let mut reader = Reader {
+            bytes: &self.body[self.marks[at].start..],
+        };
+        reader.entry().map(Some).map_err(corrupt)
+    }
+
+    /// Writes the entries gathered, if there are any, and lets go of them.
+    pub(super) fn write(&mut self, conn: &Connection) -> Result<()> {
+        self.write_kept(conn)?;
+        self.discard();
+        Ok(())
+    }
+
+    /// Writes the entries gathered, as chunks, and keeps them: for a transaction that may
+    /// yet fail to commit.
+    pub(super) fn write_kept(&mut self, conn: &Connection) -> Result<()> {
+        let mut insert = conn.prepare_cached(
+            "INSERT INTO history_chunks (last, first, entries, newest_ms, body)
+             VALUES (?1, ?2, ?3, ?4, ?5)",
+        )?;
+        let mut first = 0;
+        while first < self.marks.len() {
+            let start = self.marks[first].start;
+            let mut end = first;
+            let mut newest_ms = i64::MIN;
+            // At least one entry, however large; at most a chunk's count, closed once the
+            // chunk is large.
+            while end < self.marks.len()
+                && end - first < CHUNK_ENTRIES
+                && (end == first || self.marks[end].start - start < CHUNK_BYTES)
+            {
+                newest_ms = newest_ms.max(self.marks[end].at_ms);
+                end += 1;
+            }
+            let stop = self
+                .marks
+                .get(end)
+                .map_or(self.body.len(), |mark| mark.start);
+            self.chunk.clear();
+            self.chunk.push(FORMAT);
+            self.chunk.extend_from_slice(&self.body[start..stop]);
+            insert.execute(params![
+                self.marks[end - 1].id,
+                self.marks[first].id,
+                (end - first) as i64,
+                newest_ms,
+                self.chunk
+            ])?;
+            first = end;
+        }
+        Ok(())
+    }
+
+    /// Drops the entries gathered: written, or the batch they were appended in was rolled
+    /// back.
     pub(super) fn discard(&mut self) {
-        self.entries = 0;
+        self.body.clear();
+        self.marks.clear();
     }
 }
 

@@ -84,7 +84,28 @@ impl Committer {
         T: Send + 'static,
         F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
     {
-        let (job, answer) = writer::job(work, self.admit().await?);
+        self.enqueue(work, false).await
+    }
+
+    /// Runs `work` like [`Committer::run`], in a batch that may go to the entry log (see
+    /// [`writer::log_batch`]): `work` must write nothing but the entries it appends through
+    /// the batch's appends.
+    pub(super) async fn run_appending<T, F>(&self, work: F) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
+    {
+        self.enqueue(work, true).await
+    }
+
+    /// Queues `work` and commits the queue if nobody is committing it; resolves with its
+    /// result.
+    async fn enqueue<T, F>(&self, work: F, appends_only: bool) -> Result<T>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
+    {
+        let (job, answer) = writer::job(work, self.admit().await?, appends_only);
         let commits = {
             let mut queue = self.queue();
             queue.jobs.push(job);
@@ -107,7 +128,7 @@ impl Committer {
         T: Send + 'static,
         F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
     {
-        let (job, answer) = writer::job(work, self.admit().await?);
+        let (job, answer) = writer::job(work, self.admit().await?, false);
         self.hand_over(vec![job]);
         answer.await.map_err(|_| StoreError::Closed)?
     }
@@ -165,7 +186,13 @@ impl Committer {
             return self.hand_over(jobs);
         };
         let _no_wait = NoWait::begin();
-        if writer::begin(&database).is_err() {
+        if writer::log_batch(&mut database, &mut jobs) {
+            if database.any_merge_due() {
+                self.shared.ask_for_merge(&self.writer);
+            }
+            return;
+        }
+        if writer::begin(&mut database).is_err() {
             // Locked by another connection, most likely; the writer thread will wait for it,
             // and report anything else.
             drop(database);

@@ -170,38 +170,50 @@ fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Optio
         .optional()?)
 }
 
-/// What a batch appends entries with: the chunk it gathers them into, the buffers it packs
+/// What a batch appends entries with: the entries gathered and not written ([`Pending`],
+/// the store's, kept across batches while the entry log holds them), the buffers it packs
 /// their texts into, and the keys of the records among them, which are assumed not to be in
 /// the merged keys and looked up together before the batch commits (see [`Assumed`]), unless
 /// the batch runs again after one was there: each key is then looked up as its record is
-/// appended. Entries are read through it too ([`Appends::entry`]), which writes the gathered
-/// ones first.
-pub(super) struct Appends<'conn> {
-    conn: &'conn Connection,
-    pending: Pending,
+/// appended. Entries are read through it too ([`Appends::entry`]), so that those gathered are
+/// found.
+pub(super) struct Appends<'a> {
+    conn: &'a Connection,
+    pending: &'a mut Pending,
     assumed: Assumed,
     /// Whether each record's key is looked up as it is appended, instead of assumed.
     look_up_each: bool,
+    /// Whether the batch goes to the entry log: no chunk is written, whatever gathers.
+    logged: bool,
     /// The stored forms of the entry's message and reply.
     message: Vec<u8>,
     reply: Vec<u8>,
 }
 
-impl<'conn> Appends<'conn> {
-    /// Appends on `conn`, nothing gathered yet.
-    pub(super) fn new(conn: &'conn Connection) -> Self {
+impl<'a> Appends<'a> {
+    /// Appends on `conn`, gathering into `pending`.
+    pub(super) fn new(conn: &'a Connection, pending: &'a mut Pending) -> Self {
         Self {
             conn,
-            pending: Pending::default(),
+            pending,
             assumed: Assumed::default(),
             look_up_each: false,
+            logged: false,
             message: Vec::new(),
             reply: Vec::new(),
         }
     }
 
+    /// Appends for a batch that goes to the entry log: entries are only gathered.
+    pub(super) fn logged(conn: &'a Connection, pending: &'a mut Pending) -> Self {
+        Self {
+            logged: true,
+            ..Self::new(conn, pending)
+        }
+    }
+
     /// Writes the entries gathered so far: before the batch commits, and before anything
-    /// reads entries, so that it finds those appended before it in the batch.
+    /// reads the chunks themselves.
     pub(super) fn write(&mut self) -> Result<()> {
         self.pending.write(self.conn)
     }
@@ -233,15 +245,16 @@ impl<'conn> Appends<'conn> {
         Ok(super::dedup::find_merged(self.conn, app, msg_id)?.is_some())
     }
 
-    /// Entry `id`, given to `read`, if it is stored; the entries gathered so far are written
-    /// first, so that it is found if the batch appended it.
+    /// Entry `id`, given to `read`, if it is stored or gathered.
     pub(super) fn entry<T>(
         &mut self,
         id: i64,
         read: impl FnOnce(&Entry<'_>) -> Result<T>,
     ) -> Result<Option<T>> {
-        self.write()?;
-        chunks::find(self.conn, id, read)
+        match self.pending.entry(id)? {
+            Some(entry) => read(&entry).map(Some),
+            None => chunks::find(self.conn, id, read),
+        }
     }
 
     /// Adds `entry` as entry `id`, the dedup record of `msg_id` if one is given.
@@ -260,19 +273,21 @@ impl<'conn> Appends<'conn> {
         .stored(&mut self.message);
         let reply =
             (entry.reply.as_deref()).map(|text| Pack { text, msg_id }.stored(&mut self.reply));
-        self.pending.push(
-            self.conn,
-            &Entry {
-                id,
-                prev,
-                at_ms: entry.at_ms,
-                app,
-                msg_id,
-                conversation: &entry.conversation,
-                message,
-                reply,
-            },
-        )
+        let entry = Entry {
+            id,
+            prev,
+            at_ms: entry.at_ms,
+            app,
+            msg_id,
+            conversation: &entry.conversation,
+            message,
+            reply,
+        };
+        if self.logged {
+            self.pending.hold(&entry)
+        } else {
+            self.pending.push(self.conn, &entry)
+        }
     }
 }
 
@@ -720,7 +735,8 @@ mod tests {
         prefix: &str,
         conversations: std::ops::Range<usize>,
     ) {
-        let mut appends = Appends::new(conn);
+        let mut pending = Pending::default();
+        let mut appends = Appends::new(conn, &mut pending);
         // Each message names the id its entry gets.
         let entries: Vec<HistoryEntry> = conversations
             .zip(heads.next_id..)
@@ -771,7 +787,8 @@ mod tests {
         let conn = Connection::open_in_memory().expect("database");
         super::super::migrate(&conn).expect("tables");
         let mut heads = HistoryHeads::load(&conn, 100).expect("tail");
-        let mut appends = Appends::new(&conn);
+        let mut pending = Pending::default();
+        let mut appends = Appends::new(&conn, &mut pending);
         let entry = |message: &str| HistoryEntry {
             conversation: "c".into(),
             at_ms: 1,
@@ -925,7 +942,8 @@ mod tests {
         append(&conn, &mut heads, "c", 0..5);
         append(&conn, &mut heads, "d", 0..5);
         let read = |heads: &HistoryHeads, conversation: &str| {
-            let mut appends = Appends::new(&conn);
+            let mut pending = Pending::default();
+            let mut appends = Appends::new(&conn, &mut pending);
             heads
                 .read(&mut appends, "shop", conversation, 10)
                 .expect("read")

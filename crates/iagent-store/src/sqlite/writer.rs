@@ -12,6 +12,11 @@
 //! The same happens, rarely, when a record appended as a history entry turns out to have a
 //! merged key (its message was recorded long ago): records' keys are looked up all at once at
 //! the end of the bare run ([`super::dedup::Assumed`]), and one at a time in the run again.
+//!
+//! A batch whose jobs only append entries (the echo's records) goes to the entry log instead
+//! of a transaction ([`log_batch`], [`super::entry_log`]): its jobs run with no transaction
+//! open, and their callers are answered once the entries are written to the log. Should one
+//! of them fail, or a record's key turn out to be merged, the batch runs as any other.
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -22,32 +27,140 @@ use rusqlite::Connection;
 use tokio::sync::{OwnedSemaphorePermit, oneshot};
 
 use super::MAX_BATCH;
+use super::chunks;
 use super::dedup::{DEDUP_MERGE_SLICE_ROWS, DedupKeys, TakenRun};
+use super::entry_log::EntryLog;
 use super::history::{Appends, HISTORY_MERGE_SLICE_ROWS, HistoryHeads, TakenHeads};
 use crate::{HistoryEntry, Result, StoreError};
 
 /// What the writer thread owns: the connection, and the state derived from the database that
-/// is kept in memory, the tails (see [`super::history`] and [`super::dedup`]).
+/// is kept in memory, the tails (see [`super::history`] and [`super::dedup`]), with the
+/// entries the entry log holds.
 pub(super) struct Database {
     pub(super) conn: Connection,
     pub(super) history: HistoryHeads,
     pub(super) dedup: DedupKeys,
+    /// Entries appended and not in `history_chunks` yet: between batches, those the entry
+    /// log holds.
+    pending: chunks::Pending,
+    /// How many of the entries in `pending` the log holds: the rest, if any, are the batch's
+    /// being run.
+    logged: usize,
+    /// The entry log, unless the store writes every batch into SQLite: a shared store, the
+    /// log turned off, or failed.
+    log: Option<EntryLog>,
+    /// How many bytes of entries the log holds at most before they are written into SQLite.
+    log_bytes: usize,
+    /// Whether the tails may name entries that are gone (a batch sent to the log failed after
+    /// its jobs ran): read back at the next [`begin`], once the log is written into SQLite,
+    /// and no batch goes to the log, nor merge begins, until then.
+    tails_stale: bool,
 }
 
 impl Database {
+    /// The database on `conn`, whose tails are read, every batch written into SQLite.
+    pub(super) fn new(conn: Connection, history: HistoryHeads, dedup: DedupKeys) -> Self {
+        Self {
+            conn,
+            history,
+            dedup,
+            pending: chunks::Pending::default(),
+            logged: 0,
+            log: None,
+            log_bytes: 0,
+            tails_stale: false,
+        }
+    }
+
+    /// Sends batches that only append entries to `log` from now on, written into SQLite
+    /// once it holds `bytes` of them.
+    pub(super) fn log_to(&mut self, log: EntryLog, bytes: usize) {
+        self.log = Some(log);
+        self.log_bytes = bytes;
+    }
+
     /// The database as a batch's jobs see it.
     fn batch(&mut self) -> Batch<'_> {
         Batch {
             conn: &self.conn,
             history: &mut self.history,
             dedup: &mut self.dedup,
-            appends: Appends::new(&self.conn),
+            appends: Appends::new(&self.conn, &mut self.pending),
+        }
+    }
+
+    /// The database as the jobs of a batch sent to the entry log see it.
+    fn logged_batch(&mut self) -> Batch<'_> {
+        Batch {
+            conn: &self.conn,
+            history: &mut self.history,
+            dedup: &mut self.dedup,
+            appends: Appends::logged(&self.conn, &mut self.pending),
         }
     }
 
     /// Reads the tails back after a rollback, so that they say again what the database holds.
     fn reload_tails(&mut self) -> Result<()> {
         self.batch().reload_tails()
+    }
+
+    /// Whether `jobs` go to the entry log: there is one with room, the tails are sound, and
+    /// every job only appends entries.
+    fn logs(&self, jobs: &[Box<dyn Job>]) -> bool {
+        self.log.is_some()
+            && !self.tails_stale
+            && self.pending.bytes() < self.log_bytes
+            && jobs.iter().all(|job| job.appends_only())
+    }
+
+    /// Writes the entries after the first `kept` to the log; says whether they are there.
+    /// A log that failed is given up: from then on every batch is written into SQLite.
+    fn append_to_log(&mut self, kept: usize) -> bool {
+        let Some(log) = &mut self.log else {
+            return false;
+        };
+        match log.append(self.pending.since(kept)) {
+            Ok(()) => true,
+            Err(err) => {
+                tracing::error!(error = %err, "the entry log could not be written; every batch is written into SQLite from now on");
+                self.log = None;
+                false
+            }
+        }
+    }
+
+    /// Writes the entries the log holds into `history_chunks`, in a transaction of their own,
+    /// and empties the log. Called between batches, with no transaction open.
+    pub(super) fn apply_log(&mut self) -> Result<()> {
+        debug_assert_eq!(
+            self.pending.len(),
+            self.logged,
+            "a batch's entries are gathered"
+        );
+        if self.pending.is_empty() {
+            return Ok(());
+        }
+        transaction(&self.conn, "BEGIN IMMEDIATE")?;
+        let written = self
+            .pending
+            .write_kept(&self.conn)
+            .and_then(|()| super::entry_log::set_applied(&self.conn, &self.pending))
+            .and_then(|()| transaction(&self.conn, "COMMIT"));
+        if let Err(err) = written {
+            if !self.conn.is_autocommit() {
+                self.conn.execute_batch("ROLLBACK").ok();
+            }
+            return Err(err);
+        }
+        self.pending.discard();
+        self.logged = 0;
+        if let Some(log) = &mut self.log
+            && let Err(err) = log.clear()
+        {
+            tracing::error!(error = %err, "the entry log could not be emptied; every batch is written into SQLite from now on");
+            self.log = None;
+        }
+        Ok(())
     }
 
     /// Whether a tail has a merge, or the next slice of one, to write.
@@ -159,6 +272,9 @@ pub(super) trait Job: Send {
 
     /// Hands the outcome, or the batch's failure, to the caller.
     fn settle(self: Box<Self>, batch: Result<(), &StoreError>);
+
+    /// Whether the job only appends entries (and reads), so that it may go to the entry log.
+    fn appends_only(&self) -> bool;
 }
 
 /// A job and the caller waiting for its result.
@@ -166,15 +282,19 @@ struct Pending<T, F> {
     work: F,
     outcome: Option<Result<T>>,
     reply: oneshot::Sender<Result<T>>,
+    /// Whether `work` only appends entries.
+    appends_only: bool,
     /// The job's place among those the store admits at once, given back when it is dropped.
     _admitted: OwnedSemaphorePermit,
 }
 
 /// A job for `work`, holding its place `admitted` until it is settled, and where its result
-/// will arrive.
+/// will arrive. `appends_only` says that `work` writes nothing but entries appended through
+/// the batch's [`Appends`] (it may read anything), so that its batch may go to the entry log.
 pub(super) fn job<T, F>(
     work: F,
     admitted: OwnedSemaphorePermit,
+    appends_only: bool,
 ) -> (Box<dyn Job>, oneshot::Receiver<Result<T>>)
 where
     T: Send + 'static,
@@ -185,6 +305,7 @@ where
         work,
         outcome: None,
         reply,
+        appends_only,
         _admitted: admitted,
     };
     (Box::new(pending), answer)
@@ -216,6 +337,10 @@ where
         // The caller may have given up (its task was cancelled); the work is committed either
         // way, and there is nobody left to tell.
         self.reply.send(result).ok();
+    }
+
+    fn appends_only(&self) -> bool {
+        self.appends_only
     }
 }
 
@@ -334,15 +459,22 @@ pub(super) fn write_loop(shared: &Shared, work: &mpsc::Receiver<Work>) {
         }
         while !jobs.is_empty() {
             let mut batch: Vec<_> = jobs.drain(..jobs.len().min(MAX_BATCH)).collect();
-            match begin(&database) {
-                Ok(()) => {
-                    commit(&mut database, &mut batch);
+            if !log_batch(&mut database, &mut batch) {
+                match begin(&mut database) {
+                    Ok(()) => {
+                        commit(&mut database, &mut batch);
+                    }
+                    Err(err) => settle(&mut batch, Err(&err)),
                 }
-                Err(err) => settle(&mut batch, Err(&err)),
             }
             // After the callers have their answers, so that a merge never delays them.
             database = write_merge(database, shared, work, &mut jobs);
         }
+    }
+    // The store is closing: what the log holds goes into SQLite, so that a clean stop leaves
+    // the log empty.
+    if let Err(err) = shared.database().apply_log() {
+        tracing::error!(error = %err, "the entry log could not be written into SQLite; it is read back at the next start");
     }
 }
 
@@ -381,6 +513,10 @@ fn write_merge<'a>(
     work: &mpsc::Receiver<Work>,
     jobs: &mut Vec<Box<dyn Job>>,
 ) -> MutexGuard<'a, Database> {
+    // A run taken from tails that may name entries that are gone would write their keys.
+    if database.tails_stale {
+        return database;
+    }
     let let_go = jobs.is_empty();
     let mut database = sort_runs(database, shared, let_go);
     let Some(tails) = merge_slices(&mut database, &shared.jobs_waiting) else {
@@ -429,9 +565,53 @@ fn sort_runs<'a>(
     database
 }
 
-/// Begins a batch's transaction.
-pub(super) fn begin(database: &Database) -> Result<()> {
-    transaction(database, "BEGIN IMMEDIATE")
+/// Begins a batch's transaction, once the entries the log holds are written into SQLite (so
+/// that while a transaction is open the log is empty), and the tails read back if a batch
+/// sent to the log failed. On failure no transaction is left open.
+pub(super) fn begin(database: &mut Database) -> Result<()> {
+    database.apply_log()?;
+    transaction(database, "BEGIN IMMEDIATE")?;
+    if database.tails_stale {
+        if let Err(err) = database.reload_tails() {
+            database.execute_batch("ROLLBACK").ok();
+            return Err(err);
+        }
+        database.tails_stale = false;
+    }
+    Ok(())
+}
+
+/// Runs `jobs` and answers them once the entries they append are in the entry log, with no
+/// transaction of SQLite's, if they only append entries and the log has room; says whether
+/// it did. Should a job fail, a record's key turn out to be merged, or the log fail, nothing
+/// the jobs did stays: their entries are dropped, the tails are read back at the next
+/// [`begin`], and the jobs are left to run in a transaction, as any batch.
+pub(super) fn log_batch(database: &mut Database, jobs: &mut Vec<Box<dyn Job>>) -> bool {
+    if !database.logs(jobs) {
+        return false;
+    }
+    let kept = database.logged;
+    let mut batch = database.logged_batch();
+    let clean = jobs.iter_mut().all(|job| job.attempt(&mut batch, false))
+        && matches!(
+            batch.appends.any_assumed_merged(batch.dedup.filter()),
+            Ok(false)
+        );
+    if !(clean && database.append_to_log(kept)) {
+        database.pending.truncate(kept);
+        database.tails_stale = true;
+        return false;
+    }
+    database.logged = database.pending.len();
+    settle(jobs, Ok(()));
+    if database.pending.bytes() >= database.log_bytes
+        && let Err(err) = database.apply_log()
+    {
+        // Most likely locked by another connection for a moment; the next transaction
+        // writes the log first, and no batch goes to a full log meanwhile.
+        tracing::debug!(error = %err, "entry log not written into SQLite yet");
+    }
+    true
 }
 
 /// Runs the jobs in the transaction [`begin`] opened, commits, and answers their callers.
@@ -473,7 +653,7 @@ fn run_batch(database: &mut Database, jobs: &mut [Box<dyn Job>]) -> Result<()> {
 }
 
 /// Undoes the open transaction, if any: none of a failed batch may stand, and the tails must
-/// again say what the database holds.
+/// again say what the database holds. The entries the log holds stay: they were answered.
 fn rollback(database: &mut Database) {
     // A failed COMMIT can leave the transaction open.
     if !database.is_autocommit()
@@ -481,7 +661,13 @@ fn rollback(database: &mut Database) {
     {
         tracing::error!(error = %err, "store rollback failed");
     }
-    if let Err(err) = database.reload_tails() {
+    let logged = database.logged;
+    database.pending.truncate(logged);
+    if logged > 0 {
+        // Only a batch sent to the log fails with entries in it (a transaction begins with
+        // the log written): SQLite lacks them until the next transaction writes them.
+        database.tails_stale = true;
+    } else if let Err(err) = database.reload_tails() {
         tracing::error!(error = %err, "tails could not be read back");
     }
 }
@@ -513,7 +699,7 @@ fn merge_slices(database: &mut Database, jobs_waiting: &AtomicBool) -> Option<Ve
         .collect();
     // Whether the slice ended early for jobs, its transaction left open for them.
     let attempt = |database: &mut Database| -> Result<bool> {
-        transaction(database, "BEGIN IMMEDIATE")?;
+        begin(database)?;
         let slices = [HISTORY_MERGE_SLICE_ROWS, DEDUP_MERGE_SLICE_ROWS];
         let mut writing = due;
         let mut written = 0;
@@ -585,16 +771,14 @@ mod tests {
         let per_batch = 2 * MERGE_STEP_ROWS;
         let conn = Connection::open_in_memory().expect("database");
         super::super::migrate(&conn).expect("tables");
-        let mut database = Database {
-            history: HistoryHeads::load(&conn, merge_rows).expect("heads"),
-            dedup: DedupKeys::load(&conn, merge_rows, KeyFilter::new(Path::new("unused"), 0))
-                .expect("keys"),
-            conn,
-        };
+        let history = HistoryHeads::load(&conn, merge_rows).expect("heads");
+        let dedup = DedupKeys::load(&conn, merge_rows, KeyFilter::new(Path::new("unused"), 0))
+            .expect("keys");
+        let mut database = Database::new(conn, history, dedup);
         let jobs_waiting = AtomicBool::new(true);
         let (mut longest_run, mut runs) = (0, 0);
         for batch in 0..100 {
-            begin(&database).expect("begin");
+            begin(&mut database).expect("begin");
             for n in 0..per_batch {
                 let id = (batch * per_batch + n + 1) as i64;
                 database
