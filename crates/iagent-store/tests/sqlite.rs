@@ -656,7 +656,9 @@ async fn a_frame_cut_short_by_a_kill_is_dropped_and_the_frames_before_it_kept() 
     let log = killed.path().join(iagent_store::ENTRY_LOG_FILE);
     let whole = std::fs::metadata(&log).unwrap().len();
     let mut bytes = std::fs::read(&log).unwrap();
-    bytes.extend_from_slice(&[0x2a, 0, 0, 0, 0x11, 0x22, 0x33, 0x44, b'{']);
+    bytes.extend_from_slice(&[
+        0x2a, 0, 0, 0, 0x11, 0x22, 0x33, 0x44, 0x55, 0x66, 0x77, 0x88, b'{',
+    ]);
     std::fs::write(&log, &bytes).unwrap();
 
     let store = open(killed.path());

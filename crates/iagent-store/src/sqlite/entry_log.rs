@@ -21,11 +21,11 @@
 //! those a transaction committed before the log was emptied, and a frame that was being
 //! written when the process stopped.
 //!
-//! A frame is a batch's entries: their length and CRC-32 (4 bytes each, little endian), then
-//! the entries as [`Pending`] lays them out.
+//! A frame is a batch's entries: their length (4 bytes) and checksum (8 bytes), little endian,
+//! then the entries as [`Pending`] lays them out.
 
 use std::fs::{File, OpenOptions};
-use std::io::{Read, Write};
+use std::io::{IoSlice, Read, Write};
 use std::path::Path;
 
 use rusqlite::Connection;
@@ -44,8 +44,8 @@ pub const ENTRY_LOG_FILE: &str = "iagent.entries";
 /// quarter as long, and the transaction it still saves per message is nearly all of one.
 pub const DEFAULT_ENTRY_LOG_KIB: usize = 64;
 
-/// The bytes before a frame's entries: their length and their CRC-32.
-const FRAME_HEADER: usize = 8;
+/// The bytes before a frame's entries: their length and their checksum.
+const FRAME_HEADER: usize = 12;
 
 /// The `store_meta` key of the last entry written into SQLite from the log: the entries up to
 /// it that the log still holds (it is emptied after the transaction that wrote them commits)
@@ -90,8 +90,6 @@ pub(super) struct EntryLog {
     len: u64,
     /// Whether each frame is synced to the disk before it counts as written.
     sync: bool,
-    /// A frame as it is written: header and entries, in one `write`.
-    frame: Vec<u8>,
 }
 
 impl EntryLog {
@@ -123,22 +121,21 @@ impl EntryLog {
             file,
             len: bytes.len() as u64,
             sync,
-            frame: Vec::new(),
         };
         Ok((log, pending))
     }
 
-    /// Writes a frame of `entries` (encoded as [`Pending`] holds them) at the log's end. A
-    /// frame that fails is cut off again, if it can be; the log is of no further use either
-    /// way (a disk that failed one write fails the next), and is read back up to it.
+    /// Writes a frame of `entries` (encoded as [`Pending`] holds them) at the log's end, with
+    /// one `write` of the header and the entries where they are. A frame that fails is cut
+    /// off again, if it can be; the log is of no further use either way (a disk that failed
+    /// one write fails the next), and is read back up to it.
     pub(super) fn append(&mut self, entries: &[u8]) -> std::io::Result<()> {
         let len = u32::try_from(entries.len())
             .map_err(|_| std::io::Error::other("a batch's entries exceed 4 GiB"))?;
-        self.frame.clear();
-        self.frame.extend_from_slice(&len.to_le_bytes());
-        self.frame.extend_from_slice(&crc32(entries).to_le_bytes());
-        self.frame.extend_from_slice(entries);
-        let written = self.file.write_all(&self.frame).and_then(|()| {
+        let mut header = [0; FRAME_HEADER];
+        header[..4].copy_from_slice(&len.to_le_bytes());
+        header[4..].copy_from_slice(&checksum(entries).to_le_bytes());
+        let written = write_both(&mut self.file, &header, entries).and_then(|()| {
             if self.sync {
                 self.file.sync_data()
             } else {
@@ -147,7 +144,7 @@ impl EntryLog {
         });
         match written {
             Ok(()) => {
-                self.len += self.frame.len() as u64;
+                self.len += (FRAME_HEADER + entries.len()) as u64;
                 Ok(())
             }
             Err(err) => {
@@ -173,19 +170,33 @@ impl EntryLog {
     }
 }
 
+/// Writes `first` and then `second` to `file`, in one `write` unless it takes only part.
+fn write_both(file: &mut File, first: &[u8], second: &[u8]) -> std::io::Result<()> {
+    let written = file.write_vectored(&[IoSlice::new(first), IoSlice::new(second)])?;
+    match written.checked_sub(first.len()) {
+        Some(of_second) => file.write_all(&second[of_second..]),
+        None => {
+            file.write_all(&first[written..])?;
+            file.write_all(second)
+        }
+    }
+}
+
 /// The entries of the whole frames at the start of `bytes`, one after the other, and how many
 /// bytes those frames take.
 fn read_frames(bytes: &[u8]) -> (Vec<u8>, usize) {
     let mut entries = Vec::with_capacity(bytes.len());
     let mut at = 0;
     while let Some(header) = bytes.get(at..at + FRAME_HEADER) {
-        let len = u32::from_le_bytes([header[0], header[1], header[2], header[3]]) as usize;
-        let crc = u32::from_le_bytes([header[4], header[5], header[6], header[7]]);
+        let (len, sum) = header.split_at(4);
+        let len = u32::from_le_bytes([len[0], len[1], len[2], len[3]]) as usize;
+        let mut expected = [0; 8];
+        expected.copy_from_slice(sum);
         let body_at = at + FRAME_HEADER;
         let Some(body) = bytes.get(body_at..body_at + len) else {
             break;
         };
-        if crc32(body) != crc {
+        if checksum(body) != u64::from_le_bytes(expected) {
             break;
         }
         entries.extend_from_slice(body);
@@ -194,45 +205,60 @@ fn read_frames(bytes: &[u8]) -> (Vec<u8>, usize) {
     (entries, at)
 }
 
-/// CRC-32 (IEEE 802.3, reflected, as zlib computes it), a byte at a time from a table: it
-/// tells a frame cut short or overwritten from one written whole.
-fn crc32(bytes: &[u8]) -> u32 {
-    let crc = bytes.iter().fold(!0u32, |crc, &byte| {
-        CRC_TABLE[usize::from((crc as u8) ^ byte)] ^ (crc >> 8)
-    });
-    !crc
+/// A checksum of a frame's entries, which tells a frame cut short, zeroed (what a power loss
+/// leaves of blocks allocated and not written) or overwritten from one written whole: four
+/// lanes of 8 bytes each, multiplied and rotated, seeded with the length. A CRC-32 from a
+/// table, a byte a step, had been 5% of the server's CPU at saturation (`perf`): every entry
+/// stored goes through it.
+fn checksum(bytes: &[u8]) -> u64 {
+    const K: u64 = 0x9E37_79B9_7F4A_7C15;
+    let mix = |lane: u64, word: &[u8]| {
+        let mut padded = [0; 8];
+        padded[..word.len()].copy_from_slice(word);
+        (lane ^ u64::from_le_bytes(padded))
+            .wrapping_mul(K)
+            .rotate_left(31)
+    };
+    let mut lanes = [1, 2, 3, 4].map(|lane: u64| (bytes.len() as u64 ^ lane).wrapping_mul(K));
+    let mut blocks = bytes.chunks_exact(32);
+    for block in &mut blocks {
+        for (lane, word) in lanes.iter_mut().zip(block.chunks_exact(8)) {
+            *lane = mix(*lane, word);
+        }
+    }
+    for (lane, word) in lanes.iter_mut().zip(blocks.remainder().chunks(8)) {
+        *lane = mix(*lane, word);
+    }
+    lanes.into_iter().fold(0, mix_lane)
 }
 
-/// The CRC-32 of each byte value.
-static CRC_TABLE: [u32; 256] = {
-    let mut table = [0u32; 256];
-    let mut byte = 0;
-    while byte < 256 {
-        let mut crc = byte as u32;
-        let mut bit = 0;
-        while bit < 8 {
-            crc = if crc & 1 == 1 {
-                (crc >> 1) ^ 0xEDB8_8320
-            } else {
-                crc >> 1
-            };
-            bit += 1;
-        }
-        table[byte] = crc;
-        byte += 1;
-    }
-    table
-};
+/// Folds a lane into a checksum.
+fn mix_lane(sum: u64, lane: u64) -> u64 {
+    (sum ^ lane)
+        .wrapping_mul(0xC2B2_AE3D_27D4_EB4F)
+        .rotate_left(29)
+}
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn crc32_is_the_standard_one() {
-        // The check value of CRC-32/ISO-HDLC.
-        assert_eq!(crc32(b"123456789"), 0xCBF4_3926);
-        assert_eq!(crc32(b""), 0);
+    fn the_checksum_changes_with_any_bit_and_with_zeros_in_place_of_bytes() {
+        let bytes: Vec<u8> = (0..100u8).map(|n| n.wrapping_mul(37)).collect();
+        let whole = checksum(&bytes);
+        for at in 0..bytes.len() {
+            for bit in 0..8 {
+                let mut flipped = bytes.clone();
+                flipped[at] ^= 1 << bit;
+                assert_ne!(checksum(&flipped), whole, "byte {at}, bit {bit}");
+            }
+            let mut zeroed = bytes.clone();
+            zeroed[at..].fill(0);
+            assert_ne!(checksum(&zeroed), whole, "zeros from {at}");
+            assert_ne!(checksum(&bytes[..at]), whole, "cut at {at}");
+        }
+        assert_ne!(checksum(&[0; 8]), checksum(&[0; 16]));
     }
 
     #[test]
@@ -248,7 +274,7 @@ mod tests {
 
         let frame = |entries: &[u8]| {
             let mut frame = (entries.len() as u32).to_le_bytes().to_vec();
-            frame.extend_from_slice(&crc32(entries).to_le_bytes());
+            frame.extend_from_slice(&checksum(entries).to_le_bytes());
             frame.extend_from_slice(entries);
             frame
         };
