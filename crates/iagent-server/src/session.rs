@@ -12,6 +12,7 @@ use std::time::Instant;
 
 use axum::body::Bytes;
 use axum::extract::ws::{CloseFrame, Message as WsMessage, Utf8Bytes, WebSocket};
+use futures_util::future::BoxFuture;
 use futures_util::stream::{SplitSink, SplitStream};
 use futures_util::{SinkExt, StreamExt};
 use iagent_protocol::{Message, Rejection, RespCode, Violation, parse_inbound};
@@ -313,20 +314,22 @@ impl Session {
     }
 
     /// Answers a valid message with 50 without recording it, so that a resend is processed.
-    async fn refuse(&self, message: &Message, agent_id: &str, cause: String) {
+    /// Boxed, as [`Session::reject`] is: a rare path, whose routing's state would otherwise be
+    /// part of the reader's, and so of every connection's task, idle or not.
+    fn refuse(&self, message: &Message, agent_id: &str, cause: String) -> BoxFuture<'_, ()> {
         let meta = self.gateway.ids.next();
-        self.respond(message.text_response(meta, agent_id, RespCode::Failed, cause))
-            .await;
+        Box::pin(self.respond(message.text_response(meta, agent_id, RespCode::Failed, cause)))
     }
 
     /// Answers an illegal frame with 40. A frame that named a readable message is answered in
-    /// the name of the app's default agent; an unreadable one in the gateway's.
-    async fn reject(&self, rejection: Rejection) {
+    /// the name of the app's default agent; an unreadable one in the gateway's. Boxed: inline,
+    /// its state was 1 KiB of every connection's task (`-Zprint-type-sizes`), which the
+    /// memory per idle connection counts.
+    fn reject(&self, rejection: Rejection) -> BoxFuture<'_, ()> {
         let agents = self.app.agents();
         let signer = rejection.msg_id.as_ref().map(|_| agents.default_id());
         tracing::debug!(reason = %rejection.violation, "frame rejected");
-        self.respond(rejection.response(self.gateway.ids.next(), signer))
-            .await;
+        Box::pin(self.respond(rejection.response(self.gateway.ids.next(), signer)))
     }
 
     /// Counts a response made without processing and routes it, from this connection.

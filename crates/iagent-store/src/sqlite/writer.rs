@@ -131,7 +131,7 @@ impl Database {
 
     /// Writes the entries the log holds into `history_chunks`, in a transaction of their own,
     /// and empties the log. Called between batches, with no transaction open.
-    pub(super) fn apply_log(&mut self) -> Result<()> {
+    fn apply_log(&mut self) -> Result<()> {
         debug_assert_eq!(
             self.pending.len(),
             self.logged,
@@ -699,7 +699,6 @@ fn merge_slices(database: &mut Database, jobs_waiting: &AtomicBool) -> Option<Ve
         .collect();
     // Whether the slice ended early for jobs, its transaction left open for them.
     let attempt = |database: &mut Database| -> Result<bool> {
-        begin(database)?;
         let slices = [HISTORY_MERGE_SLICE_ROWS, DEDUP_MERGE_SLICE_ROWS];
         let mut writing = due;
         let mut written = 0;
@@ -731,6 +730,11 @@ fn merge_slices(database: &mut Database, jobs_waiting: &AtomicBool) -> Option<Ve
         Ok(false)
     };
     let started = std::time::Instant::now();
+    // A begin that fails leaves nothing to undo: no transaction open, the log as it was.
+    if let Err(err) = begin(database) {
+        tracing::error!(error = %err, "tail merge not begun; tried again later");
+        return None;
+    }
     match attempt(database) {
         Ok(true) => return Some(tails),
         Ok(false) => {
