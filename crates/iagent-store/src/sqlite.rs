@@ -287,19 +287,6 @@ impl SqliteStore {
         Box::pin(self.committer.run(work))
     }
 
-    /// Runs `work` like [`SqliteStore::run_serving`], in a batch that may go to the entry log:
-    /// `work` must write nothing but the entries it appends through the batch.
-    fn run_appending<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
-    where
-        T: Send + 'static,
-        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
-    {
-        if !self.serves {
-            return Box::pin(std::future::ready(Err(StoreError::Shared)));
-        }
-        Box::pin(self.committer.run_appending(work))
-    }
-
     /// Runs `work` like [`SqliteStore::run`] if this store serves from its directory: work
     /// that keeps the tails, which only that store has up to date.
     fn run_serving<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
@@ -307,10 +294,30 @@ impl SqliteStore {
         T: Send + 'static,
         F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
     {
+        self.serving(work, false)
+    }
+
+    /// Runs `work` like [`SqliteStore::run_serving`], in a batch that may go to the entry log:
+    /// `work` must write nothing but the entries it appends through the batch.
+    fn run_appending<T, F>(&self, work: F) -> BoxFuture<'_, Result<T>>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
+    {
+        self.serving(work, true)
+    }
+
+    /// Runs `work` if this store serves from its directory; `appends_only` as
+    /// [`Committer::run_as`] takes it.
+    fn serving<T, F>(&self, work: F, appends_only: bool) -> BoxFuture<'_, Result<T>>
+    where
+        T: Send + 'static,
+        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
+    {
         if !self.serves {
             return Box::pin(std::future::ready(Err(StoreError::Shared)));
         }
-        self.run(work)
+        Box::pin(self.committer.run_as(work, appends_only))
     }
 }
 

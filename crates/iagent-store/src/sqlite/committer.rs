@@ -84,23 +84,13 @@ impl Committer {
         T: Send + 'static,
         F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
     {
-        self.enqueue(work, false).await
+        self.run_as(work, false).await
     }
 
-    /// Runs `work` like [`Committer::run`], in a batch that may go to the entry log (see
-    /// [`writer::log_batch`]): `work` must write nothing but the entries it appends through
-    /// the batch's appends.
-    pub(super) async fn run_appending<T, F>(&self, work: F) -> Result<T>
-    where
-        T: Send + 'static,
-        F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,
-    {
-        self.enqueue(work, true).await
-    }
-
-    /// Queues `work` and commits the queue if nobody is committing it; resolves with its
-    /// result.
-    async fn enqueue<T, F>(&self, work: F, appends_only: bool) -> Result<T>
+    /// Runs `work` like [`Committer::run`]; if `appends_only`, in a batch that may go to the
+    /// entry log (see [`writer::log_batch`]), for which `work` must write nothing but the
+    /// entries it appends through the batch's appends.
+    pub(super) async fn run_as<T, F>(&self, work: F, appends_only: bool) -> Result<T>
     where
         T: Send + 'static,
         F: FnMut(&mut Batch<'_>) -> Result<T> + Send + 'static,

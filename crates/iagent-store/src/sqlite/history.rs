@@ -204,12 +204,10 @@ impl<'a> Appends<'a> {
         }
     }
 
-    /// Appends for a batch that goes to the entry log: entries are only gathered.
-    pub(super) fn logged(conn: &'a Connection, pending: &'a mut Pending) -> Self {
-        Self {
-            logged: true,
-            ..Self::new(conn, pending)
-        }
+    /// From now on entries are only gathered, whatever gathers: the batch goes to the entry
+    /// log.
+    pub(super) fn only_gather(&mut self) {
+        self.logged = true;
     }
 
     /// Writes the entries gathered so far: before the batch commits, and before anything

@@ -91,12 +91,9 @@ impl Database {
 
     /// The database as the jobs of a batch sent to the entry log see it.
     fn logged_batch(&mut self) -> Batch<'_> {
-        Batch {
-            conn: &self.conn,
-            history: &mut self.history,
-            dedup: &mut self.dedup,
-            appends: Appends::logged(&self.conn, &mut self.pending),
-        }
+        let mut batch = self.batch();
+        batch.appends.only_gather();
+        batch
     }
 
     /// Reads the tails back after a rollback, so that they say again what the database holds.
