@@ -674,6 +674,28 @@ async fn a_frame_cut_short_by_a_kill_is_dropped_and_the_frames_before_it_kept() 
 }
 
 #[tokio::test]
+async fn entries_the_log_still_holds_after_their_transaction_are_not_written_twice() {
+    let (dir, store) = fresh();
+    let msg_ids = echo_all(&store, 5).await;
+    let log = dir.path().join(iagent_store::ENTRY_LOG_FILE);
+    let frames = std::fs::read(&log).unwrap();
+    assert!(!frames.is_empty(), "the echoes are in the log");
+    write_entry_log(&store).await;
+    assert_eq!(std::fs::metadata(&log).unwrap().len(), 0, "emptied");
+    // Killed after the transaction that wrote the entries committed, before the log was
+    // emptied: the log holds them still.
+    let killed = tempfile::tempdir().unwrap();
+    as_if_killed(dir.path(), killed.path());
+    std::fs::write(killed.path().join(iagent_store::ENTRY_LOG_FILE), &frames).unwrap();
+    drop(store);
+
+    let store = open(killed.path());
+    assert_echoes_kept(&store, &msg_ids).await;
+    write_entry_log(&store).await;
+    assert_eq!(copies_stored(killed.path(), "response to m0"), 1);
+}
+
+#[tokio::test]
 async fn a_failed_transaction_after_echoes_in_the_entry_log_keeps_them() {
     let (dir, store) = fresh();
     let msg_ids = echo_all(&store, 3).await;

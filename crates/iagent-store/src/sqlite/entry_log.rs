@@ -154,6 +154,17 @@ impl EntryLog {
         }
     }
 
+    /// A log that writes to `file` from its start, as if it were empty: for tests of what a
+    /// failing write does.
+    #[cfg(test)]
+    pub(super) fn writing_to(file: File) -> Self {
+        Self {
+            file,
+            len: 0,
+            sync: false,
+        }
+    }
+
     /// The log, emptied: what it held is committed.
     pub(super) fn emptied(mut self) -> std::io::Result<Self> {
         self.clear()?;

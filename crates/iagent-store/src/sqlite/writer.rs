@@ -806,4 +806,77 @@ mod tests {
             "a run of {longest_run} keys"
         );
     }
+
+    /// A database of the store's layout in `dir`, its tails read.
+    fn database_in(dir: &Path) -> Database {
+        let conn = Connection::open(dir.join("test.sqlite3")).expect("database");
+        super::super::migrate(&conn).expect("tables");
+        let history = HistoryHeads::load(&conn, 1_000).expect("heads");
+        let dedup =
+            DedupKeys::load(&conn, 1_000, KeyFilter::new(Path::new("unused"), 0)).expect("keys");
+        Database::new(conn, history, dedup)
+    }
+
+    /// A job that appends one entry to conversation `c`, and where its answer arrives.
+    fn appending(text: &str) -> (Box<dyn Job>, oneshot::Receiver<Result<()>>) {
+        let entry = HistoryEntry {
+            conversation: "c".into(),
+            at_ms: 1,
+            message: text.into(),
+            reply: None,
+        };
+        let place = std::sync::Arc::new(tokio::sync::Semaphore::new(1))
+            .try_acquire_owned()
+            .expect("a place");
+        job(
+            move |batch: &mut Batch<'_>| batch.append_history("shop", std::slice::from_ref(&entry)),
+            place,
+            true,
+        )
+    }
+
+    /// The texts of conversation `c`, oldest first.
+    fn texts(database: &mut Database) -> Vec<String> {
+        let mut batch = database.batch();
+        let Batch {
+            history, appends, ..
+        } = &mut batch;
+        history.read(appends, "shop", "c", 10).expect("read")
+    }
+
+    /// A log that cannot be written is given up, and the batch, and every one after it, is
+    /// written into SQLite instead: nothing answered is lost, nothing is answered twice.
+    #[test]
+    fn a_log_that_fails_is_given_up_for_sqlite() {
+        let dir = tempfile::tempdir().expect("dir");
+        let mut database = database_in(dir.path());
+        let log = EntryLog::open(&dir.path().join("log"), false)
+            .expect("log")
+            .0;
+        database.log_to(log, 1 << 20);
+        let (first, mut first_answer) = appending("logged");
+        let mut jobs = vec![first];
+        assert!(log_batch(&mut database, &mut jobs), "went to the log");
+        assert!(matches!(first_answer.try_recv(), Ok(Ok(()))), "answered");
+
+        let read_only = std::fs::File::open(dir.path().join("log")).expect("read-only");
+        database.log_to(EntryLog::writing_to(read_only), 1 << 20);
+        let (second, mut second_answer) = appending("failed to log");
+        let mut jobs = vec![second];
+        assert!(!log_batch(&mut database, &mut jobs), "the log failed");
+        assert!(database.log.is_none(), "given up");
+        assert!(second_answer.try_recv().is_err(), "not answered yet");
+        begin(&mut database).expect("begin");
+        assert!(commit(&mut database, &mut jobs));
+        assert!(matches!(second_answer.try_recv(), Ok(Ok(()))), "answered");
+        assert_eq!(texts(&mut database), ["logged", "failed to log"]);
+
+        let (third, mut third_answer) = appending("after");
+        let mut jobs = vec![third];
+        assert!(!log_batch(&mut database, &mut jobs), "no log any more");
+        begin(&mut database).expect("begin");
+        assert!(commit(&mut database, &mut jobs));
+        assert!(matches!(third_answer.try_recv(), Ok(Ok(()))), "answered");
+        assert_eq!(texts(&mut database), ["logged", "failed to log", "after"]);
+    }
 }
