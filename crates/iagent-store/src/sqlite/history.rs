@@ -593,7 +593,7 @@ impl HistoryHeads {
     }
 
     /// Removes the entries before `keep_from` (see [`HistoryHeads::purge_from`]); returns how
-    /// many. The tail is read back afterwards. Every statement runs inside SQLite, so a purge
+    /// many. The tail is read back afterwards, if any were. Every statement runs inside SQLite, so a purge
     /// of millions of entries (after a long stop) holds none of them in memory.
     pub(super) fn purge(&mut self, conn: &Connection, keep_from: i64) -> Result<u64> {
         let removed = chunks::delete_before(conn, keep_from)?;
