@@ -850,36 +850,31 @@ impl Store for SqliteStore {
 
     fn record(&self, completion: Completion, received_ms: i64) -> BoxFuture<'_, Result<Claim>> {
         // A response that is its history entry's reply is stored once, in the entry, which is
-        // then the message's record: the job only appends an entry.
+        // then the message's record: the job then only appends an entry, and its batch may go
+        // to the entry log.
         let in_entry = matches!(
             completion.history.as_slice(),
             [entry] if entry.reply.as_ref() == Some(&completion.response)
         );
-        if in_entry {
-            return self.run_appending(move |database| {
-                let (app, msg_id) = (&completion.app, &completion.msg_id);
-                if let Some(id) = database.dedup.find_recent(app, msg_id) {
-                    return earlier_claim(database, id);
-                }
+        let work = move |database: &mut Batch<'_>| {
+            let (app, msg_id) = (&completion.app, &completion.msg_id);
+            if let Some(id) = database.dedup.find_recent(app, msg_id) {
+                return earlier_claim(database, id);
+            }
+            if in_entry {
                 let Batch {
                     history,
                     dedup,
                     appends,
                     ..
                 } = database;
-                match history.append_record(appends, app, msg_id, &completion.history[0])? {
+                return match history.append_record(appends, app, msg_id, &completion.history[0])? {
                     Some(id) => {
                         dedup.inserted_entry(app, msg_id, id);
                         Ok(Claim::New)
                     }
                     None => earlier_merged_claim(database, app, msg_id),
-                }
-            });
-        }
-        self.run_serving(move |database| {
-            let (app, msg_id) = (&completion.app, &completion.msg_id);
-            if let Some(id) = database.dedup.find_recent(app, msg_id) {
-                return earlier_claim(database, id);
+                };
             }
             let claim = insert_row(
                 database,
@@ -893,7 +888,8 @@ impl Store for SqliteStore {
                 database.append_history(app, &completion.history)?;
             }
             Ok(claim)
-        })
+        };
+        self.serving(work, in_entry)
     }
 
     fn complete(&self, completion: Completion) -> BoxFuture<'_, Result<()>> {
