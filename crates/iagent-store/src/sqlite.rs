@@ -19,6 +19,7 @@ mod key_blocks;
 mod key_filter;
 mod lock_wait;
 mod packed;
+mod purge;
 mod run_order;
 mod writer;
 
@@ -33,6 +34,7 @@ pub use directory_lock::LOCK_FILE;
 pub use entry_log::{DEFAULT_ENTRY_LOG_KIB, ENTRY_LOG_FILE};
 pub use history::{DEFAULT_HISTORY_MERGE_ROWS, HISTORY_MERGE_SLICE_ROWS};
 pub use key_filter::DEFAULT_DEDUP_FILTER_MIB;
+pub use purge::DEFAULT_PURGE_SLICE_ROWS;
 
 use self::committer::Committer;
 use self::dedup::Record;
@@ -130,6 +132,9 @@ pub struct Options {
     /// How many KiB of history entries the entry log holds before they are written into the
     /// database (see [`DEFAULT_ENTRY_LOG_KIB`]); 0 writes every batch into the database.
     pub entry_log_kib: usize,
+    /// How many rows of each kind one transaction of a purge removes at most (see
+    /// [`DEFAULT_PURGE_SLICE_ROWS`]); at least one.
+    pub purge_slice_rows: usize,
 }
 
 impl Default for Options {
@@ -143,6 +148,7 @@ impl Default for Options {
             dedup_filter_mib: DEFAULT_DEDUP_FILTER_MIB,
             queue_capacity: DEFAULT_QUEUE_CAPACITY,
             entry_log_kib: DEFAULT_ENTRY_LOG_KIB,
+            purge_slice_rows: DEFAULT_PURGE_SLICE_ROWS,
         }
     }
 }
@@ -160,6 +166,8 @@ pub struct SqliteStore {
     /// Whether this store serves from the data directory, holding its lock, rather than being
     /// opened shared for administration ([`SqliteStore::open_shared`]).
     serves: bool,
+    /// See [`Options::purge_slice_rows`].
+    purge_slice_rows: usize,
     /// Dropped last, after the committer: joins the writer thread.
     _writer: WriterThread,
 }
@@ -242,6 +250,7 @@ impl SqliteStore {
             path,
             files,
             serves,
+            purge_slice_rows: options.purge_slice_rows.max(1),
             _writer: WriterThread(Some(writer)),
         })
     }
@@ -1065,44 +1074,32 @@ impl Store for SqliteStore {
             if !self.serves {
                 return Err(StoreError::Shared);
             }
-            // On the writer thread: a purge may take long, and a caller's thread serves others.
-            let (mut purged, expired_files) = self
+            // On the writer thread, a slice at a time: a purge may take long, and a caller's
+            // thread serves others.
+            let rows = self.purge_slice_rows;
+            let mut cursor = purge::Cursor::new(before);
+            let mut purged = Purged::default();
+            loop {
+                let slice = self
+                    .committer
+                    .run_on_writer(move |database| purge::slice(database, &cursor, rows))
+                    .await?;
+                purged.dedup += slice.dedup;
+                purged.history += slice.history;
+                match slice.next {
+                    Some(next) => cursor = next,
+                    None => break,
+                }
+            }
+            let expired = self
                 .committer
-                .run_on_writer(move |database| {
-                    // The purge reads entries, and reads the tails back from the database.
-                    database.appends.write()?;
-                    let Batch {
-                        conn,
-                        history,
-                        dedup,
-                        ..
-                    } = database;
-                    let dedup_purged = dedup.purge(conn, before.dedup)?;
-                    let keep_from = history.purge_from(conn, before.history)?;
-                    let reload_keys = dedup.keep_records_before(conn, keep_from)?;
-                    let history = history.purge(conn, keep_from)?;
-                    if reload_keys {
-                        dedup.reload(conn)?;
-                    }
-                    let outbox_expired = conn
-                        .prepare_cached(
-                            "SELECT app, COUNT(*) FROM outbox WHERE expires_ms < ?1 GROUP BY app ORDER BY app",
-                        )?
-                        .query_map([before.outbox], |row| Ok((row.get(0)?, row.get(1)?)))?
-                        .collect::<rusqlite::Result<_>>()?;
-                    conn.prepare_cached("DELETE FROM outbox WHERE expires_ms < ?1")?
-                        .execute([before.outbox])?;
-                    let files: Vec<String> = conn
-                        .prepare_cached("DELETE FROM files WHERE created_ms < ?1 RETURNING id")?
-                        .query_map([before.files], |row| row.get(0))?
-                        .collect::<rusqlite::Result<_>>()?;
-                    let purged = Purged { dedup: dedup_purged, history, files: files.len() as u64, outbox_expired };
-                    Ok((purged, files))
-                })
+                .run_on_writer(move |database| purge::outbox_and_files(database.conn, before))
                 .await?;
+            purged.outbox_expired = expired.outbox;
+            purged.files = expired.files.len() as u64;
             // The rows are gone (committed) before the bytes: a crash in between leaves an
             // orphaned file on disk, never a row pointing at nothing.
-            for id in expired_files {
+            for id in expired.files {
                 if let Err(err) = tokio::fs::remove_file(self.files.join(&id)).await
                     && err.kind() != std::io::ErrorKind::NotFound
                 {

@@ -11,9 +11,12 @@ use iagent_store::{Claim, Completion, HistoryEntry, Options, PurgeBefore, Sqlite
 
 const NOW: i64 = 1_700_000_000_000;
 
+/// A store whose purges go a row and a key at a time, so that every purge here is cut into
+/// slices.
 fn open(dir: &Path, dedup_merge_rows: usize) -> SqliteStore {
     let options = Options {
         dedup_merge_rows,
+        purge_slice_rows: 1,
         ..Options::default()
     };
     SqliteStore::open(dir, options).expect("open the store")

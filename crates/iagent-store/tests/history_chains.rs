@@ -10,9 +10,12 @@ use iagent_store::{HistoryEntry, Options, PurgeBefore, SqliteStore, Store};
 
 const NOW: i64 = 1_700_000_000_000;
 
+/// A store whose purges go a chunk of entries and a conversation's head at a time, so that
+/// every purge here is cut into slices.
 fn open(dir: &Path, history_merge_rows: usize) -> SqliteStore {
     let options = Options {
         history_merge_rows,
+        purge_slice_rows: 1,
         ..Options::default()
     };
     SqliteStore::open(dir, options).expect("open the store")
@@ -163,6 +166,73 @@ async fn a_purge_removes_the_oldest_entries_and_the_heads_of_conversations_it_em
         store.history("shop", "gone", 10).await.unwrap(),
         ["gone-again"]
     );
+}
+
+/// A purge goes a slice at a time, oldest entries first, and other work is done between its
+/// slices: a read finds the oldest conversation emptied while the newest expired one is
+/// still there. Done in one transaction, the purge had held every job up until all were
+/// gone. What the slices leave in the end is what one purge would.
+#[tokio::test]
+async fn a_purge_in_slices_lets_reads_in_between_and_removes_what_one_purge_would() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = std::sync::Arc::new(open(dir.path(), 3));
+    // One job, so that the entries fill chunks in order: "first" has the oldest chunk's,
+    // "last" the newest expired chunk's, "middle" the 98 chunks between them, and "kept"
+    // the entries inside the window.
+    const CHUNK: usize = 32;
+    let chunks = 100;
+    let conversation = |n: usize| match n / CHUNK {
+        0 => "first",
+        c if c == chunks - 1 => "last",
+        _ => "middle",
+    };
+    let old = (0..chunks * CHUNK)
+        .map(|n| entry(conversation(n), NOW - 10_000, format!("old-{n}")))
+        .collect();
+    store.append_history("shop", old).await.unwrap();
+    append(&store, "kept", NOW, "new-1".into()).await;
+    append(&store, "middle", NOW, "middle-new".into()).await;
+
+    let purge = tokio::spawn({
+        let store = std::sync::Arc::clone(&store);
+        async move { purge_history_before(&store, NOW - 1).await }
+    });
+    while !store.history("shop", "first", 1).await.unwrap().is_empty() {}
+    assert_eq!(
+        store.history("shop", "last", 1).await.unwrap(),
+        [format!("old-{}", chunks * CHUNK - 1)],
+        "the purge's later slices have not run yet"
+    );
+    assert_eq!(purge.await.unwrap(), (chunks * CHUNK) as u64);
+
+    for gone in ["first", "last"] {
+        assert!(store.history("shop", gone, 10).await.unwrap().is_empty());
+    }
+    assert_eq!(
+        store.history("shop", "middle", 10).await.unwrap(),
+        ["middle-new"]
+    );
+    assert_eq!(store.history("shop", "kept", 10).await.unwrap(), ["new-1"]);
+    // The heads of the conversations emptied went too, those of the others stayed.
+    let conversations = |heads: Vec<(String, i64)>| -> Vec<String> {
+        heads
+            .into_iter()
+            .map(|(conversation, _)| conversation)
+            .collect()
+    };
+    assert!(
+        conversations(heads(&store))
+            .iter()
+            .all(|conversation| !["first", "last"].contains(&conversation.as_str()))
+    );
+    drop(store);
+    let store = open(dir.path(), 3);
+    assert_eq!(
+        store.history("shop", "middle", 10).await.unwrap(),
+        ["middle-new"]
+    );
+    assert!(store.history("shop", "first", 10).await.unwrap().is_empty());
+    assert_eq!(purge_history_before(&store, NOW - 1).await, 0);
 }
 
 #[tokio::test]

@@ -55,6 +55,7 @@ struct Serve {
     store_mmap_mib: usize,
     store_queue: usize,
     store_entry_log_kib: usize,
+    purge_slice_rows: usize,
 }
 
 impl Default for Serve {
@@ -72,6 +73,7 @@ impl Default for Serve {
             store_mmap_mib: iagent_store::DEFAULT_MMAP_MIB,
             store_queue: iagent_store::DEFAULT_QUEUE_CAPACITY,
             store_entry_log_kib: iagent_store::DEFAULT_ENTRY_LOG_KIB,
+            purge_slice_rows: iagent_store::DEFAULT_PURGE_SLICE_ROWS,
         }
     }
 }
@@ -125,6 +127,7 @@ impl Settings {
                 mmap_mib: file.serve.store_mmap_mib,
                 queue_capacity: file.serve.store_queue,
                 entry_log_kib: file.serve.store_entry_log_kib,
+                purge_slice_rows: file.serve.purge_slice_rows,
             },
             server: file.server,
             agents: file.agents,
@@ -183,6 +186,12 @@ const COMMENTS: &[(&str, &str)] = &[
          messages that only append entries, such as the echo's) before they are written into\n\
          the database in one transaction; 0 writes every batch into the database. At it: the\n\
          entries are written into the database, and the log emptied.",
+    ),
+    (
+        "purge_slice_rows",
+        "Expired rows of each kind (dedup records, their keys, history entries) one\n\
+         transaction of a purge removes. At it: the transaction commits, store commits waiting\n\
+         go in, and the purge goes on in the next.",
     ),
     (
         "max_frame_bytes",
@@ -442,7 +451,7 @@ mod tests {
             &path,
             "[serve]\ndurability = \"power\"\nhistory_merge_rows = 7\ndedup_merge_rows = 9\n\
              dedup_filter_mib = 13\nstore_cache_mib = 3\nstore_mmap_mib = 11\nstore_queue = 5\n\
-             store_entry_log_kib = 17\n",
+             store_entry_log_kib = 17\npurge_slice_rows = 19\n",
         )
         .expect("write");
         let store = Settings::load(Some(&path), None, None)
@@ -459,6 +468,7 @@ mod tests {
                 dedup_filter_mib: 13,
                 queue_capacity: 5,
                 entry_log_kib: 17,
+                purge_slice_rows: 19,
             }
         );
     }

@@ -525,25 +525,56 @@ pub(super) fn for_each_after(
     Ok(())
 }
 
-/// The id of the oldest entry from `from_ms` on, if any: in the oldest chunk whose newest
-/// entry is, found by reading the chunks before it.
-pub(super) fn first_from(conn: &Connection, from_ms: i64) -> Result<Option<i64>> {
-    let chunk: Option<Vec<u8>> = conn
-        .prepare_cached(
-            "SELECT body FROM history_chunks WHERE newest_ms >= ?1 ORDER BY last LIMIT 1",
-        )?
-        .query_row([from_ms], |row| row.get(0))
-        .optional()?;
-    let Some(body) = chunk else {
-        return Ok(None);
-    };
-    for entry in entries(&body) {
-        let entry = entry?;
-        if entry.at_ms >= from_ms {
-            return Ok(Some(entry.id));
+/// Where a purge of the entries older than `before_ms` that looks at about `limit` of the
+/// oldest entries stops ([`first_from`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Cut {
+    /// The oldest entry from `before_ms` on: every entry before it is older.
+    Young(i64),
+    /// The first entry not looked at: `limit` were, all older.
+    Limit(i64),
+    /// No entry is from `before_ms` on.
+    End,
+}
+
+/// The oldest entry from `before_ms` on among about `limit` of the oldest ones (whole chunks,
+/// at least one), found in the first chunk whose newest entry is: the chunks before it are
+/// read without their bodies.
+pub(super) fn first_from(conn: &Connection, before_ms: i64, limit: usize) -> Result<Cut> {
+    let mut next = conn.prepare_cached(
+        "SELECT last, first, entries, newest_ms FROM history_chunks WHERE last > ?1
+         ORDER BY last LIMIT 1",
+    )?;
+    let (mut after, mut looked_at) = (i64::MIN, 0);
+    while let Some((last, first, held, newest_ms)) = next
+        .query_row([after], |row| {
+            Ok((
+                row.get::<_, i64>(0)?,
+                row.get::<_, i64>(1)?,
+                row.get::<_, usize>(2)?,
+                row.get::<_, i64>(3)?,
+            ))
+        })
+        .optional()?
+    {
+        if looked_at > 0 && looked_at + held > limit {
+            return Ok(Cut::Limit(first));
         }
+        if newest_ms >= before_ms {
+            let body: Vec<u8> = conn
+                .prepare_cached("SELECT body FROM history_chunks WHERE last = ?1")?
+                .query_row([last], |row| row.get(0))?;
+            for entry in entries(&body) {
+                let entry = entry?;
+                if entry.at_ms >= before_ms {
+                    return Ok(Cut::Young(entry.id));
+                }
+            }
+        }
+        looked_at += held;
+        after = last;
     }
-    Ok(None)
+    Ok(Cut::End)
 }
 
 /// The first chunk that is not wholly below an id: the only one that may hold entries on both
@@ -689,9 +720,15 @@ mod tests {
         pending.write(&conn).expect("written");
         assert_eq!(find(&conn, 5, |_| Ok(())).expect("read"), None);
         // Entry n is from 1 000 + n on.
-        assert_eq!(first_from(&conn, 1_002).expect("first"), Some(2));
-        assert_eq!(first_from(&conn, 1_004).expect("first"), Some(10));
-        assert_eq!(first_from(&conn, 1_012).expect("first"), None);
+        let first_from = |before_ms, limit| first_from(&conn, before_ms, limit).expect("first");
+        assert_eq!(first_from(1_002, 100), Cut::Young(2));
+        assert_eq!(first_from(1_004, 100), Cut::Young(10));
+        assert_eq!(first_from(1_012, 100), Cut::End);
+        // Whole chunks, at least one, up to the limit.
+        assert_eq!(first_from(1_012, 1), Cut::Limit(10));
+        assert_eq!(first_from(1_012, 4), Cut::Limit(10));
+        assert_eq!(first_from(1_012, 5), Cut::End);
+        assert_eq!(first_from(1_002, 1), Cut::Young(2));
         let ids = |conn: &Connection| -> Vec<i64> {
             all_after(conn, 0).iter().map(|entry| entry.id).collect()
         };

@@ -269,6 +269,17 @@ pub(super) struct DedupKeys {
     filter: KeyFilter,
 }
 
+/// What a slice of a purge did to the dedup records ([`DedupKeys::purge`]).
+#[derive(Debug)]
+pub(super) struct PurgeSlice {
+    /// Rows and keys of entries removed.
+    pub(super) removed: u64,
+    /// Where the next slice starts among the rows.
+    pub(super) rows_from: i64,
+    /// Whether nothing older is left: no row but unanswered ones, no entry with a key.
+    pub(super) done: bool,
+}
+
 /// One app's keys in the tail, by `msg_id`. Shared strings, so that a run takes the keys
 /// without copying them: copying 32 768 of them paused the writer for 5 to 15 ms.
 type MsgIds = std::collections::HashMap<Arc<str>, Record, foldhash::fast::RandomState>;
@@ -624,7 +635,9 @@ impl DedupKeys {
         }
     }
 
-    /// Forgets the records older than `before_ms`; returns how many.
+    /// Forgets up to `limit` dedup rows older than `before_ms` from the row `rows_from` on,
+    /// and the keys of up to `limit` entries older than it: a slice of a purge
+    /// ([`super::purge`]).
     ///
     /// Answered dedup rows go with their keys, oldest row first, up to the first one from
     /// `before_ms` on (which only the rows before it are read to find). A row's age is the
@@ -632,45 +645,92 @@ impl DedupKeys {
     /// give or take the moments their writes waited. A message not yet answered keeps its
     /// row whatever its age. Entries that carry a record lose only the key, the same way by
     /// their own time: the history keeps them for its own retention.
-    pub(super) fn purge(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
-        let keep_from: i64 = conn
-            .prepare_cached("SELECT id FROM messages WHERE received_ms >= ?1 ORDER BY id LIMIT 1")?
-            .query_row([before_ms], |row| row.get(0))
-            .optional()?
-            .unwrap_or(i64::MAX);
-        key_blocks::remove_selected(
-            conn,
-            "SELECT msg_id, app, id FROM messages WHERE id < ?1 AND response IS NOT NULL
-                 ORDER BY msg_id, app",
-            [keep_from],
-        )?;
-        let removed = conn
-            .prepare_cached("DELETE FROM messages WHERE id < ?1 AND response IS NOT NULL")?
-            .execute([keep_from])?;
-        if removed > 0 {
-            super::set_meta(conn, PURGED_THROUGH_KEY, self.next_id - 1)?;
-        }
-        let expired = self.expire_entries(conn, before_ms)?;
+    pub(super) fn purge(
+        &mut self,
+        conn: &Connection,
+        before_ms: i64,
+        rows_from: i64,
+        limit: usize,
+    ) -> Result<PurgeSlice> {
+        let (removed, rows_from, rows_done) = self.purge_rows(conn, before_ms, rows_from, limit)?;
+        let (expired, entries_done) = self.expire_entries(conn, before_ms, limit)?;
         // Keys of the tail went too.
-        let rows_in_tail = removed > 0 && keep_from > self.through + 1;
+        let rows_in_tail = removed > 0 && rows_from > self.through + 1;
         let entries_in_tail = expired > 0 && self.entries_expired > self.entries_through;
         if rows_in_tail || entries_in_tail {
             self.reload(conn)?;
         }
-        Ok(removed as u64 + expired)
+        Ok(PurgeSlice {
+            removed: removed + expired,
+            rows_from,
+            done: rows_done && entries_done,
+        })
     }
 
-    /// Drops the keys of the entries older than `before_ms`, oldest first, up to the first one
-    /// from `before_ms` on; returns how many.
-    fn expire_entries(&mut self, conn: &Connection, before_ms: i64) -> Result<u64> {
+    /// Removes the answered rows older than `before_ms` among `limit` ids from the oldest row
+    /// at or after `rows_from`, with their keys; returns how many, where the next slice
+    /// starts, and whether none older is left.
+    fn purge_rows(
+        &mut self,
+        conn: &Connection,
+        before_ms: i64,
+        rows_from: i64,
+        limit: usize,
+    ) -> Result<(u64, i64, bool)> {
+        let first: Option<i64> = conn
+            .prepare_cached("SELECT id FROM messages WHERE id >= ?1 ORDER BY id LIMIT 1")?
+            .query_row([rows_from], |row| row.get(0))
+            .optional()?;
+        let Some(first) = first else {
+            return Ok((0, rows_from, true));
+        };
+        // Ids are handed out one after the other, so gaps only make it fewer rows.
+        let end = first.saturating_add(super::purge::id_count(limit));
+        let young: Option<i64> = conn
+            .prepare_cached(
+                "SELECT id FROM messages WHERE id >= ?1 AND id < ?2 AND received_ms >= ?3
+                 ORDER BY id LIMIT 1",
+            )?
+            .query_row([first, end, before_ms], |row| row.get(0))
+            .optional()?;
+        let keep_from = young.unwrap_or(end);
+        key_blocks::remove_selected(
+            conn,
+            "SELECT msg_id, app, id FROM messages
+             WHERE id >= ?1 AND id < ?2 AND response IS NOT NULL ORDER BY msg_id, app",
+            [first, keep_from],
+        )?;
+        let removed = conn
+            .prepare_cached(
+                "DELETE FROM messages WHERE id >= ?1 AND id < ?2 AND response IS NOT NULL",
+            )?
+            .execute([first, keep_from])?;
+        if removed > 0 {
+            super::set_meta(conn, PURGED_THROUGH_KEY, self.next_id - 1)?;
+        }
+        Ok((removed as u64, keep_from, young.is_some()))
+    }
+
+    /// Drops the keys of up to `limit` entries older than `before_ms`, oldest first, up to
+    /// the first one from `before_ms` on; returns how many had a key, and whether none older
+    /// is left.
+    fn expire_entries(
+        &mut self,
+        conn: &Connection,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<(u64, bool)> {
         let mut keep_from = None;
-        let mut expired = 0;
+        let (mut walked, mut expired) = (0, 0);
+        let mut done = true;
         let mut forget = key_blocks::Gathered::new(|keys| key_blocks::remove(conn, keys).map(drop));
         chunks::for_each_after(conn, self.entries_expired, |entry| {
-            if entry.at_ms >= before_ms {
+            if entry.at_ms >= before_ms || walked == limit {
                 keep_from = Some(entry.id);
+                done = entry.at_ms >= before_ms;
                 return Ok(ControlFlow::Break(()));
             }
+            walked += 1;
             if let Some(msg_id) = entry.msg_id {
                 forget.push(entry.app, msg_id, Record::Entry(entry.id).key_id())?;
                 expired += 1;
@@ -686,7 +746,7 @@ impl DedupKeys {
             self.entries_expired = keep_from - 1;
             super::set_meta(conn, ENTRIES_EXPIRED_KEY, self.entries_expired)?;
         }
-        Ok(expired)
+        Ok((expired, done))
     }
 
     /// Before the history entries below `keep_from` are removed: the records among them that

@@ -581,37 +581,94 @@ impl HistoryHeads {
         Ok(newest_first)
     }
 
-    /// The first entry a purge of the entries older than `before_ms` keeps: they go oldest
-    /// entry first, up to the first one from `before_ms` on, found by reading the chunks
-    /// before it in id order.
+    /// The first entry a purge of the entries older than `before_ms` keeps, if it looks at
+    /// about `limit` of the oldest entries, and whether that leaves none older: they go
+    /// oldest entry first, up to the first one from `before_ms` on, found by reading the
+    /// chunks before it in id order.
     ///
     /// An entry's age is the gateway's clock when it was stored, so entries are old in the
     /// order they were written, give or take the moments their writes waited; one written
     /// out of that order is purged with its neighbours.
-    pub(super) fn purge_from(&self, conn: &Connection, before_ms: i64) -> Result<i64> {
-        Ok(chunks::first_from(conn, before_ms)?.unwrap_or(self.next_id))
+    pub(super) fn purge_from(
+        &self,
+        conn: &Connection,
+        before_ms: i64,
+        limit: usize,
+    ) -> Result<(i64, bool)> {
+        Ok(match chunks::first_from(conn, before_ms, limit)? {
+            chunks::Cut::Young(id) => (id, true),
+            chunks::Cut::Limit(id) => (id, false),
+            chunks::Cut::End => (self.next_id, true),
+        })
     }
 
     /// Removes the entries before `keep_from` (see [`HistoryHeads::purge_from`]); returns how
-    /// many. The tail is read back afterwards, if any were. Every statement runs inside SQLite, so a purge
-    /// of millions of entries (after a long stop) holds none of them in memory.
+    /// many. Every statement runs inside SQLite, so a purge of millions of entries (after a
+    /// long stop) holds none of them in memory.
+    ///
+    /// The heads that name the entries removed stay, for [`HistoryHeads::forget_heads`]: a
+    /// head names its conversation's newest entry, so a conversation whose head is gone has
+    /// no entry left, and reads as empty either way.
+    ///
+    /// The tail is read back only if the purge reached into it, past the watermark. Below
+    /// it, the tail and a merge under way name only entries from `keep_from` on, or heads of
+    /// conversations with none left, and stand: a purge is cut into many slices
+    /// ([`super::purge`]), and a read-back at each one would start the merge under way over
+    /// each time.
     pub(super) fn purge(&mut self, conn: &Connection, keep_from: i64) -> Result<u64> {
         let removed = chunks::delete_before(conn, keep_from)?;
-        if removed == 0 {
-            // Nothing is gone: no head names an entry below `keep_from`, the watermark stands,
-            // and the tail says what it said. A purge every minute had read the heads' table
-            // and the tail's rows back each time.
-            return Ok(0);
-        }
-        conn.prepare_cached("DELETE FROM history_heads WHERE head < ?1")?
-            .execute([keep_from])?;
         // No entry is left before `keep_from`, so the watermark may move up to it: the ids of
         // the entries gone are then never handed out again, even to a table the purge
         // emptied, and no key or head that named one comes to name another.
-        let through = watermark(conn)?.unwrap_or(0).max(keep_from - 1);
-        set_watermark(conn, through)?;
-        self.reload(conn)?;
+        let through = watermark(conn)?.unwrap_or(0);
+        if removed > 0 && keep_from - 1 > through {
+            set_watermark(conn, keep_from - 1)?;
+            self.reload(conn)?;
+        }
         Ok(removed)
+    }
+
+    /// Deletes the rows of `history_heads` whose head is below `keep_from` among up to
+    /// `limit` rows after the conversation `after` (from the first, if `None`); returns the
+    /// last conversation looked at, `None` once all are. The table has a row per conversation
+    /// and no index by head, so a purge walks it a slice at a time.
+    pub(super) fn forget_heads(
+        &self,
+        conn: &Connection,
+        keep_from: i64,
+        after: Option<&(String, String)>,
+        limit: usize,
+    ) -> Result<Option<(String, String)>> {
+        let (app, conversation) = after.map_or(("", ""), |(app, conversation)| {
+            (app.as_str(), conversation.as_str())
+        });
+        let mut looked_at = 0;
+        let mut stale = Vec::new();
+        let mut last = None;
+        {
+            let mut heads = conn.prepare_cached(
+                "SELECT app, conversation, head FROM history_heads
+                 WHERE (app, conversation) > (?1, ?2) ORDER BY app, conversation LIMIT ?3",
+            )?;
+            let mut rows =
+                heads.query(params![app, conversation, super::purge::id_count(limit)])?;
+            while let Some(row) = rows.next()? {
+                let key: (String, String) = (row.get(0)?, row.get(1)?);
+                looked_at += 1;
+                if row.get::<_, i64>(2)? < keep_from {
+                    stale.push(key.clone());
+                }
+                last = Some(key);
+            }
+        }
+        // Deleted once the walk is done: rows deleted under a query still stepping through
+        // them leave what it reads next undefined.
+        let mut delete =
+            conn.prepare_cached("DELETE FROM history_heads WHERE app = ?1 AND conversation = ?2")?;
+        for (app, conversation) in &stale {
+            delete.execute(params![app, conversation])?;
+        }
+        Ok(last.filter(|_| looked_at == limit))
     }
 
     /// How many rows were appended after the watermark.
