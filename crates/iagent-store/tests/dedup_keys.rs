@@ -563,6 +563,45 @@ async fn a_history_purge_keeps_the_records_of_its_entries_inside_the_dedup_windo
     }
 }
 
+/// A history purge whose entries' keys are all merged moves their records into dedup rows
+/// without reading the tail back: the rows' keys join the tail as a new row's do, and a
+/// resend finds them there, before any reopen or merge.
+#[tokio::test]
+async fn records_moved_out_of_merged_entries_are_found_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = open(dir.path(), 1);
+    let mut old = Vec::new();
+    for n in 0..10 {
+        let msg_id = format!("old-{n}");
+        let completion = completed("shop", &msg_id, NOW - 10_000, true);
+        assert_eq!(store.record(completion, NOW).await.unwrap(), Claim::New);
+        old.push(msg_id);
+    }
+    // Newer entries, whose batches let the merges of the old keys finish: the purge stays
+    // below the watermark.
+    let new = record(&store, &["shop"], "new", 40).await;
+    let entries_through = || -> i64 {
+        let conn = rusqlite::Connection::open(store.path()).unwrap();
+        conn.query_row(
+            "SELECT value FROM store_meta WHERE key = 'message_keys_entries_through'",
+            [],
+            |row| row.get(0),
+        )
+        .unwrap()
+    };
+    assert!(entries_through() > 10, "the old entries' keys are merged");
+    let purged = store
+        .purge(PurgeBefore {
+            history: NOW - 1,
+            ..dedup_before(0)
+        })
+        .await
+        .unwrap();
+    assert_eq!(purged.history, 10);
+    assert_answered(&store, &["shop"], &old).await;
+    assert_answered(&store, &["shop"], &new).await;
+}
+
 #[tokio::test]
 async fn entries_after_purges_that_emptied_the_history_are_found_after_a_reopen() {
     let dir = tempfile::tempdir().unwrap();

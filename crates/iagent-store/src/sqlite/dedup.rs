@@ -753,14 +753,19 @@ impl DedupKeys {
     /// are still inside the dedup window become dedup rows of their own, so that a resend
     /// within the window gets its response whatever the history's retention, and their keys
     /// leave `message_key_blocks`. Returns whether the tail must be read back once the entries are
-    /// gone ([`DedupKeys::reload`]): it then finds the keys on the new rows, and no longer
-    /// those of the entries.
+    /// gone ([`DedupKeys::reload`]): the entries reach past the watermark, into the tail (or
+    /// a run under way), which still names them.
+    ///
+    /// Below the watermark, the keys of the new rows join the tail as any new row's do: the
+    /// tail and a run name none of those entries. A purge is cut into many slices
+    /// ([`super::purge`]), and with the dedup window longer than the history's, a read-back
+    /// at each one would read the whole tail and start the merge under way over each time.
     pub(super) fn keep_records_before(
         &mut self,
         conn: &Connection,
         keep_from: i64,
     ) -> Result<bool> {
-        let mut moved = 0;
+        let in_tail = keep_from > self.entries_through.max(self.entries_expired) + 1;
         let mut insert = conn.prepare_cached(
             "INSERT INTO messages (id, app, msg_id, received_ms, response)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -771,21 +776,18 @@ impl DedupKeys {
                 return Ok(ControlFlow::Break(()));
             }
             if let Some(msg_id) = entry.msg_id {
-                insert.execute(params![
-                    self.next_id,
-                    entry.app,
-                    msg_id,
-                    entry.at_ms,
-                    entry.reply
-                ])?;
+                let id = self.next_id;
+                insert.execute(params![id, entry.app, msg_id, entry.at_ms, entry.reply])?;
                 forget.push(entry.app, msg_id, Record::Entry(entry.id).key_id())?;
                 self.next_id += 1;
-                moved += 1;
+                if !in_tail {
+                    self.appended(entry.app, msg_id, Record::Row(id));
+                }
             }
             Ok(ControlFlow::Continue(()))
         })?;
         forget.finish()?;
-        Ok(moved > 0 || keep_from > self.entries_through.max(self.entries_expired) + 1)
+        Ok(in_tail)
     }
 }
 
