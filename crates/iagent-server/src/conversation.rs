@@ -76,18 +76,33 @@ pub(crate) struct Job {
 /// Processes `first`, then works through its conversation's queue until it is empty.
 ///
 /// Most conversations have one message in flight, so a task is spawned for nearly every
-/// message. Each message's processing is boxed: the task then holds a pointer rather than the
-/// whole state of processing (about 1.7 KiB), which spawning and finishing a task copied
-/// several times.
-pub(crate) async fn run(gateway: Arc<Gateway>, app: Arc<AppState>, first: Job) {
+/// message. The task holds pointers only: each message's processing is boxed, the first one
+/// before the task is made, so that the task's state is 56 bytes. Spawning a task and
+/// finishing it copy that state several times: when it held the first job in three places
+/// (736 bytes), the copies were 6.2% of the runtime thread's time at saturation, and 1.8%
+/// since.
+pub(crate) fn run(
+    gateway: Arc<Gateway>,
+    app: Arc<AppState>,
+    first: Job,
+) -> impl Future<Output = ()> + Send + 'static {
     let key = first.conversation.clone();
-    Box::pin(process(&gateway, &app, first)).await;
-    while let Some(job) = app.next_job(&key) {
-        Box::pin(process(&gateway, &app, job)).await;
+    let first = Box::pin(process(Arc::clone(&gateway), Arc::clone(&app), first));
+    async move {
+        first.await;
+        loop {
+            // Taken out of its `Option` here, not in a `while let`, whose temporary would
+            // keep a job's room in the task across the await.
+            let Some(job) = app.next_job(&key) else {
+                return;
+            };
+            Box::pin(process(Arc::clone(&gateway), Arc::clone(&app), job)).await;
+        }
     }
 }
 
-async fn process(gateway: &Arc<Gateway>, app: &Arc<AppState>, job: Job) {
+async fn process(gateway: Arc<Gateway>, app: Arc<AppState>, job: Job) {
+    let (gateway, app) = (&gateway, &app);
     let Job {
         message,
         agent,
