@@ -343,13 +343,7 @@ async fn purge_loop(gateway: Arc<Gateway>) {
             outbox: now,
             files: ago(retention.file_ttl_secs),
         };
-        // A purge goes a slice at a time, and one stopped between two leaves what the next
-        // completes: a stop need not wait for the rest.
-        let purged = tokio::select! {
-            () = gateway.stopping.cancelled() => return,
-            purged = gateway.store.purge(before) => purged,
-        };
-        match purged {
+        match gateway.store.purge(before).await {
             Ok(purged) => {
                 for (name, count) in purged.outbox_expired {
                     tracing::warn!(app = %name, count, "outbox entries expired undelivered");

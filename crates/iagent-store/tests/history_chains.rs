@@ -171,8 +171,8 @@ async fn a_purge_removes_the_oldest_entries_and_the_heads_of_conversations_it_em
 /// A purge goes a slice at a time, oldest entries first, and other work is done between its
 /// slices: a read finds the oldest conversation emptied while the newest expired one is
 /// still there. Done in one transaction, the purge had held every job up until all were
-/// gone. A purge stopped there (a gateway stopping) leaves what the next one completes, and
-/// that is what one purge would have left.
+/// gone. A purge stopped there (its future dropped, as when its task is aborted) leaves what
+/// the next one completes, and that is what one purge would have left.
 #[tokio::test]
 async fn a_purge_in_slices_lets_reads_in_between_and_one_stopped_halfway_is_completed() {
     let dir = tempfile::tempdir().unwrap();
