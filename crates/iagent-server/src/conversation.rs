@@ -9,6 +9,7 @@
 //! and answered in one write: one store job per message instead of two.
 
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Instant;
 
 use iagent_agent::{Agent, AgentError, MAX_HISTORY, NoReply, Reply, Turn};
@@ -187,7 +188,9 @@ impl Processing<'_> {
             &response,
             &text,
         );
-        match self.gateway.store.record(completion, now_ms()).await {
+        // Stored as received when its response was made, the moment its history entry
+        // carries: a clock read fewer a message.
+        match self.gateway.store.record(completion, response.timestamp).await {
             Ok(Claim::New) => {}
             Err(err) => {
                 // The answer still goes out; a resend of this msg_id is asked again, which a
@@ -425,9 +428,12 @@ async fn answer(
             return respond(RespCode::Failed, cause);
         }
     };
-    if agent
-        .strategy()
-        .cooling_down(&history, agent.id(), now_ms())
+    // With no earlier messages there is nothing to cool down from, and no clock to read:
+    // most agents are given none.
+    if !history.is_empty()
+        && agent
+            .strategy()
+            .cooling_down(&history, agent.id(), now_ms())
     {
         return respond(RespCode::NoReply, NoReply::Cooldown.code());
     }
@@ -443,17 +449,23 @@ async fn answer(
         history,
         files: &files,
     };
-    // The agent first: one that answers at once (the built-in ones do) is never raced against
-    // the shutdown, whose future would otherwise join its token's waiters and leave again.
-    let outcome = tokio::select! {
-        biased;
-        outcome = tokio::time::timeout(deadline, agent.reply(turn)) => outcome.unwrap_or_else(|_| {
-            Err(AgentError::Timeout { agent: agent.id().to_owned(), deadline })
-        }),
-        () = gateway.abandon.cancelled() => Err(AgentError::Failed {
-            agent: agent.id().to_owned(),
-            cause: "the gateway shut down before the agent answered".into(),
-        }),
+    // The agent first, polled once: one that answers at once (the built-in ones do) is
+    // neither given a deadline, which reads the clock, nor raced against the shutdown, whose
+    // future would join its token's waiters and leave again.
+    let mut reply = std::pin::pin!(agent.reply(turn));
+    let first = std::future::poll_fn(|cx| Poll::Ready(reply.as_mut().poll(cx))).await;
+    let outcome = match first {
+        Poll::Ready(outcome) => outcome,
+        Poll::Pending => tokio::select! {
+            biased;
+            outcome = tokio::time::timeout(deadline, reply) => outcome.unwrap_or_else(|_| {
+                Err(AgentError::Timeout { agent: agent.id().to_owned(), deadline })
+            }),
+            () = gateway.abandon.cancelled() => Err(AgentError::Failed {
+                agent: agent.id().to_owned(),
+                cause: "the gateway shut down before the agent answered".into(),
+            }),
+        },
     };
     match outcome {
         Ok(Reply::Content {
