@@ -190,7 +190,12 @@ impl Processing<'_> {
         );
         // Stored as received when its response was made, the moment its history entry
         // carries: a clock read fewer a message.
-        match self.gateway.store.record(completion, response.timestamp).await {
+        match self
+            .gateway
+            .store
+            .record(completion, response.timestamp)
+            .await
+        {
             Ok(Claim::New) => {}
             Err(err) => {
                 // The answer still goes out; a resend of this msg_id is asked again, which a
