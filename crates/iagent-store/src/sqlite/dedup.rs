@@ -765,6 +765,12 @@ impl DedupKeys {
         conn: &Connection,
         keep_from: i64,
     ) -> Result<bool> {
+        if keep_from <= self.entries_expired + 1 {
+            // Every entry below `keep_from` is past the dedup window already (the window is
+            // shorter than the history's, as by default): nothing to copy, and no chunk to
+            // read at each slice of a purge.
+            return Ok(false);
+        }
         let in_tail = keep_from > self.entries_through.max(self.entries_expired) + 1;
         let mut insert = conn.prepare_cached(
             "INSERT INTO messages (id, app, msg_id, received_ms, response)
