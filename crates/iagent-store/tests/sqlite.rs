@@ -695,6 +695,51 @@ async fn entries_the_log_still_holds_after_their_transaction_are_not_written_twi
     assert_eq!(copies_stored(killed.path(), "response to m0"), 1);
 }
 
+/// A store whose entry log holds at most 1 KiB, which a few dozen echoes fill several times.
+fn with_a_small_log(dir: &Path) -> SqliteStore {
+    let options = Options {
+        entry_log_kib: 1,
+        ..Options::default()
+    };
+    SqliteStore::open(dir, options).expect("open the store")
+}
+
+#[tokio::test]
+async fn a_full_entry_log_is_written_into_the_database_before_the_next_echo_goes_to_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = with_a_small_log(dir.path());
+    let msg_ids = echo_all(&store, 45).await;
+    // No transaction ran: only the log's filling wrote the first echoes into the database.
+    assert_eq!(copies_stored(dir.path(), "response to m0"), 1);
+    let log = std::fs::metadata(dir.path().join(iagent_store::ENTRY_LOG_FILE)).unwrap();
+    assert!(log.len() < 2048, "the log grew to {} bytes", log.len());
+    assert_echoes_kept(&store, &msg_ids).await;
+    write_entry_log(&store).await;
+    assert_eq!(copies_stored(dir.path(), "response to m44"), 1);
+}
+
+#[tokio::test]
+async fn echoes_after_a_full_log_wait_for_its_write_while_the_database_is_locked() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(with_a_small_log(dir.path()));
+    let other = rusqlite::Connection::open(store.path()).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let echoes = tokio::spawn({
+        let store = store.clone();
+        async move { echo_all(&store, 45).await }
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(
+        !echoes.is_finished(),
+        "echoes went on past a full log that could not be written"
+    );
+    assert_eq!(copies_stored(dir.path(), "response to m0"), 0);
+    other.execute_batch("COMMIT").unwrap();
+    let msg_ids = echoes.await.unwrap();
+    assert_eq!(copies_stored(dir.path(), "response to m0"), 1);
+    assert_echoes_kept(&store, &msg_ids).await;
+}
+
 #[tokio::test]
 async fn a_failed_transaction_after_echoes_in_the_entry_log_keeps_them() {
     let (dir, store) = fresh();

@@ -25,7 +25,8 @@
 //! has it (writing a merge, or jobs handed to it), or another connection holds SQLite's write
 //! lock (the checkpointer's RESTART, the CLI), the queued jobs are handed to the writer thread,
 //! which waits for them. Work that takes long, such as a purge, goes to the writer thread in
-//! any case ([`Committer::run_on_writer`]), as do the merges a commit finds due.
+//! any case ([`Committer::run_on_writer`]), as do the merges a commit finds due and the write
+//! of a full entry log into SQLite.
 
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError, mpsc};
 
@@ -166,17 +167,19 @@ impl Committer {
     /// to the writer thread if the database is busy.
     fn commit(&self, mut jobs: Vec<Box<dyn Job>>) {
         // A merge slice the writer thread owes comes before the next batch, as it would on
-        // the writer thread alone: the jobs queue behind it.
+        // the writer thread alone, and so does the write of a full entry log, which is the
+        // writer thread's: the jobs queue behind them.
         let Some(mut database) = self
             .shared
             .try_database()
-            .filter(|_| !self.shared.merge_owed())
+            .filter(|database| !self.shared.merge_owed() && !database.log_full())
         else {
             jobs.append(&mut self.take(usize::MAX));
             return self.hand_over(jobs);
         };
         let _no_wait = NoWait::begin();
         if writer::log_batch(&mut database, &mut jobs) {
+            database.ask_for_apply(&self.writer);
             if database.any_merge_due() {
                 self.shared.ask_for_merge(&self.writer);
             }

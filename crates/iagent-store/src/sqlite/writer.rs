@@ -16,7 +16,9 @@
 //! A batch whose jobs only append entries (the echo's records) goes to the entry log instead
 //! of a transaction ([`log_batch`], [`super::entry_log`]): its jobs run with no transaction
 //! open, and their callers are answered once the entries are written to the log. Should one
-//! of them fail, or a record's key turn out to be merged, the batch runs as any other.
+//! of them fail, or a record's key turn out to be merged, the batch runs as any other. A full
+//! log is written into SQLite by the writer thread ([`Database::ask_for_apply`]); batches that
+//! come meanwhile are handed to it, and go to the log once it is empty.
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -55,6 +57,9 @@ pub(super) struct Database {
     /// its jobs ran): read back at the next [`begin`], once the log is written into SQLite,
     /// and no batch goes to the log, nor merge begins, until then.
     tails_stale: bool,
+    /// Whether the writer thread has been asked to write the full log into SQLite and has not
+    /// yet: it is asked once, however many batches find the log full meanwhile.
+    apply_asked: bool,
 }
 
 impl Database {
@@ -69,6 +74,7 @@ impl Database {
             log: None,
             log_bytes: 0,
             tails_stale: false,
+            apply_asked: false,
         }
     }
 
@@ -106,8 +112,25 @@ impl Database {
     fn logs(&self, jobs: &[Box<dyn Job>]) -> bool {
         self.log.is_some()
             && !self.tails_stale
-            && self.pending.bytes() < self.log_bytes
+            && !self.log_full()
             && jobs.iter().all(|job| job.appends_only())
+    }
+
+    /// Whether the entry log holds all it may: its entries are to be written into SQLite
+    /// before another batch goes to it.
+    pub(super) fn log_full(&self) -> bool {
+        self.log.is_some() && self.pending.bytes() >= self.log_bytes
+    }
+
+    /// Asks the writer thread to write the full log into SQLite, unless it was asked and has
+    /// not yet. Called by a batch on a caller's thread, which does not write it itself: there
+    /// the write (about 0.3 ms at 64 KiB) held up every connection that thread serves, and a
+    /// quarter of the messages slower than 0.5 ms at 10 000 messages/s had waited during one
+    /// (`BENCHMARKS.md`).
+    pub(super) fn ask_for_apply(&mut self, writer: &mpsc::Sender<Work>) {
+        if self.log_full() && !std::mem::replace(&mut self.apply_asked, true) {
+            writer.send(Work::ApplyLog).ok();
+        }
     }
 
     /// Writes the entries after the first `kept` to the log; says whether they are there.
@@ -151,6 +174,7 @@ impl Database {
         }
         self.pending.discard();
         self.logged = 0;
+        self.apply_asked = false;
         if let Some(log) = &mut self.log
             && let Err(err) = log.clear()
         {
@@ -439,6 +463,8 @@ pub(super) enum Work {
     Jobs(Vec<Box<dyn Job>>),
     /// A tail's merge is due.
     Merge,
+    /// The entry log is full: its entries are to be written into SQLite.
+    ApplyLog,
 }
 
 /// The writer thread's loop, until every sender is gone: takes everything handed to it so far,
@@ -451,12 +477,16 @@ pub(super) fn write_loop(shared: &Shared, work: &mpsc::Receiver<Work>) {
     let mut jobs = Vec::new();
     while let Ok(first) = work.recv() {
         let mut database = shared.database();
-        if take_handed(shared, Some(first), work, &mut jobs) {
+        let merge = take_handed(shared, Some(first), work, &mut jobs);
+        apply_full_log(&mut database);
+        if merge {
             database = write_merge(database, shared, work, &mut jobs);
         }
         while !jobs.is_empty() {
             let mut batch: Vec<_> = jobs.drain(..jobs.len().min(MAX_BATCH)).collect();
-            if !log_batch(&mut database, &mut batch) {
+            if log_batch(&mut database, &mut batch) {
+                apply_full_log(&mut database);
+            } else {
                 match begin(&mut database) {
                     Ok(()) => {
                         commit(&mut database, &mut batch);
@@ -490,6 +520,8 @@ fn take_handed(
         match next {
             Work::Jobs(handed) => jobs.extend(handed),
             Work::Merge => merge = true,
+            // The log is written whenever it is full, asked or not (`apply_full_log`).
+            Work::ApplyLog => {}
         }
     }
     if merge {
@@ -601,14 +633,18 @@ pub(super) fn log_batch(database: &mut Database, jobs: &mut Vec<Box<dyn Job>>) -
     }
     database.logged = database.pending.len();
     settle(jobs, Ok(()));
-    if database.pending.bytes() >= database.log_bytes
+    true
+}
+
+/// Writes the entry log into SQLite if it is full; on the writer thread, which waits for the
+/// database's lock. Should that fail, the next transaction writes the log first, and no batch
+/// goes to the full log meanwhile.
+fn apply_full_log(database: &mut Database) {
+    if database.log_full()
         && let Err(err) = database.apply_log()
     {
-        // Most likely locked by another connection for a moment; the next transaction
-        // writes the log first, and no batch goes to a full log meanwhile.
-        tracing::debug!(error = %err, "entry log not written into SQLite yet");
+        tracing::warn!(error = %err, "entry log not written into SQLite yet");
     }
-    true
 }
 
 /// Runs the jobs in the transaction [`begin`] opened, commits, and answers their callers.
