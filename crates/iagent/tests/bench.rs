@@ -210,6 +210,60 @@ fn the_load_can_go_through_the_client_pool() {
 }
 
 #[test]
+fn the_latency_log_has_each_measured_message_at_its_scheduled_time_on_the_wall_clock() {
+    let url = echo_server();
+    let dir = tempfile::tempdir().unwrap();
+    let log = dir.path().join("latencies");
+    let before = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_nanos();
+    let (_, results) = bench(&[
+        "--url",
+        &url,
+        "--reference",
+        "--connections",
+        "2",
+        "--rate",
+        "400",
+        "--duration",
+        "0.5",
+        "--warmup",
+        "0.1",
+        "--latency-log",
+        log.to_str().unwrap(),
+    ]);
+    let text = std::fs::read_to_string(&log).unwrap();
+    let lines: Vec<(&str, u128, u128)> = text
+        .lines()
+        .map(|line| {
+            let fields: Vec<&str> = line.split(' ').collect();
+            assert_eq!(fields.len(), 3, "{line}");
+            (
+                fields[0],
+                fields[1].parse().unwrap(),
+                fields[2].parse().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(lines.len() as u64, results["round_trips"].as_u64().unwrap());
+    assert_eq!(lines.len(), 200, "0.5 s at 400/s");
+    let msg_ids: std::collections::HashSet<&str> = lines.iter().map(|line| line.0).collect();
+    assert_eq!(msg_ids.len(), lines.len(), "a msg_id a message");
+    let mut scheduled: Vec<u128> = lines.iter().map(|line| line.1).collect();
+    scheduled.sort_unstable();
+    // On the wall clock, after the run began, and each 2.5 ms after the one before: the
+    // schedule's own times, not when the messages happened to be written.
+    assert!(scheduled[0] > before, "{} before {before}", scheduled[0]);
+    for pair in scheduled.windows(2) {
+        assert_eq!(pair[1] - pair[0], 2_500_000);
+    }
+    for (msg_id, scheduled, read) in &lines {
+        assert!(read > scheduled, "{msg_id} read before it was due");
+    }
+}
+
+#[test]
 fn an_echo_server_is_driven_without_a_token_and_matched_by_msg_id() {
     let url = echo_server();
     for pace in [["--window", "8"], ["--rate", "300"]] {

@@ -57,6 +57,9 @@ pub(super) struct Outcome {
     pub(super) group: u64,
     /// Messages (measured or not) never answered.
     pub(super) unanswered: u64,
+    /// With a latency log: each answered measured message, as (its number on the connection,
+    /// when its latency is measured from, when its response was read).
+    pub(super) log: Vec<(u64, Instant, Instant)>,
 }
 
 /// A message written and not yet answered.
@@ -67,7 +70,8 @@ struct Waiting {
 }
 
 /// Drives `socket` as connection number `connection` until its pace ends and every response is
-/// in (or [`SILENCE`] passes), and hands the socket back with what it measured.
+/// in (or [`SILENCE`] passes), and hands the socket back with what it measured, each measured
+/// message's times too if `log`.
 pub(super) async fn drive(
     connection: usize,
     socket: Socket,
@@ -75,6 +79,7 @@ pub(super) async fn drive(
     replies: Replies,
     pace: Pace,
     counters: Arc<Counters>,
+    log: bool,
 ) -> anyhow::Result<(Outcome, Option<Socket>)> {
     let (sink, mut stream) = socket.split();
     let waiting: Arc<Mutex<HashMap<u64, Waiting>>> = Arc::default();
@@ -140,8 +145,12 @@ pub(super) async fn drive(
             counters.not_ok.fetch_add(1, Ordering::Relaxed);
         }
         if message.measured {
+            let read = Instant::now();
             counters.answered.fetch_add(1, Ordering::Relaxed);
-            outcome.latencies_us.push(micros(message.since.elapsed()));
+            outcome.latencies_us.push(micros(read - message.since));
+            if log {
+                outcome.log.push((seq, message.since, read));
+            }
             outcome.group += u64::from(message.group);
         }
     }

@@ -164,6 +164,7 @@ impl<L: Fn(usize) -> u64> Exchange<L> {
                     target.replies,
                     pace,
                     counters.clone(),
+                    false,
                 ))
             })
             .collect();

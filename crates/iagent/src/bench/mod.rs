@@ -30,11 +30,12 @@ mod report;
 mod schedule;
 mod stats;
 
-use std::path::PathBuf;
+use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, bail};
 use clap::Args;
@@ -101,6 +102,14 @@ pub(crate) struct BenchArgs {
     /// Also write the results as JSON to this file.
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Also write every measured message's times to this file, a line each: its `msg_id`, when
+    /// its latency is measured from (its scheduled time in the open loop, its write in the
+    /// closed loop) and when its response was read, both in nanoseconds since the Unix epoch.
+    /// `bench/capture` joins them with the times a packet capture saw the message and its
+    /// response on the wire. The times are kept in memory until the run ends: 32 bytes a
+    /// message.
+    #[arg(long, conflicts_with_all = ["via_client", "memory"])]
+    latency_log: Option<PathBuf>,
 }
 
 /// Counters the connections share with the run and its progress line.
@@ -253,6 +262,7 @@ async fn load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
                 target.replies,
                 pace,
                 counters.clone(),
+                args.latency_log.is_some(),
             ))
         })
         .collect();
@@ -272,7 +282,37 @@ async fn load(target: &Target, args: &BenchArgs) -> anyhow::Result<Load> {
         }
         outcomes.push(outcome);
     }
+    if let Some(path) = &args.latency_log {
+        write_latency_log(path, &frames, start, &outcomes)
+            .with_context(|| format!("cannot write {}", path.display()))?;
+    }
     Ok(summarize(args, window, &counters, outcomes))
+}
+
+/// Writes each logged message's `msg_id` and times (see `--latency-log`), connection by
+/// connection. `start` is any instant of the run, read again with the wall clock to put the
+/// monotonic times on the clock a packet capture stamps packets with.
+fn write_latency_log(
+    path: &Path,
+    frames: &Frames,
+    start: Instant,
+    outcomes: &[Outcome],
+) -> std::io::Result<()> {
+    let (now, wall) = (Instant::now(), SystemTime::now());
+    let start_ns = wall
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .saturating_sub(now - start)
+        .as_nanos();
+    let ns = |at: Instant| start_ns + at.saturating_duration_since(start).as_nanos();
+    let mut file = std::io::BufWriter::new(std::fs::File::create(path)?);
+    for (connection, outcome) in outcomes.iter().enumerate() {
+        for &(seq, since, read) in &outcome.log {
+            let msg_id = frames.msg_id(connection, seq);
+            writeln!(file, "{msg_id} {} {}", ns(since), ns(read))?;
+        }
+    }
+    file.flush()
 }
 
 /// The measured window: its length, and the CPU time the server and the generator spent in it.
