@@ -106,7 +106,7 @@ pub(crate) struct BenchArgs {
     /// its latency is measured from (its scheduled time in the open loop, its write in the
     /// closed loop) and when its response was read, both in nanoseconds since the Unix epoch.
     /// `bench/capture` joins them with the times a packet capture saw the message and its
-    /// response on the wire. The times are kept in memory until the run ends: 32 bytes a
+    /// response on the wire. The times are kept in memory until the run ends: 40 bytes a
     /// message.
     #[arg(long, conflicts_with_all = ["via_client", "memory"])]
     latency_log: Option<PathBuf>,
