@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Splits each message's latency into the generator's part and the server's, by the wire.
 
-Usage: bench/capture.py CAPTURE PORT LATENCY_LOG
+Usage: bench/capture.py CAPTURE PORT LATENCY_LOG [TIMEHIST OFFSET THREAD]
 
 CAPTURE is a pcap file of the loopback traffic to and from the server's PORT, taken with
 nanosecond timestamps (tcpdump --time-stamp-precision=nano); LATENCY_LOG is what
@@ -12,6 +12,12 @@ Both are on the wall clock, so a message's times join up:
   scheduled -> request on the wire       the generator's lateness in sending it
   request on the wire -> response on it  the server: the socket, its code, its write
   response on the wire -> read           the generator's lateness in reading it
+
+With TIMEHIST (`perf sched timehist --state` of scheduler events recorded on the server's core
+with `perf record -k mono` during the capture), OFFSET (the wall clock minus the monotonic
+clock, in seconds) and THREAD (the name of the server's thread that reads the sockets), it
+also says what that thread was doing while the messages slower than 0.5 ms on the server were
+there (running, waiting for the core, asleep), and what ran on the core meanwhile.
 
 On loopback a packet is stamped as its sender writes it, and it is in the receiver's socket
 from then on. Requests are matched by their msg_id, responses by their ref_msg_id (the
@@ -105,8 +111,47 @@ def wire_times(path, port):
     return requests, responses
 
 
+def thread_states(timehist, offset, thread, slow):
+    """What `thread` and its core did during the `slow` messages' time on the server, given as
+    (request on the wire, response on the wire) in wall-clock seconds."""
+    runs, states = [], []
+    for line in open(timehist):
+        fields = line.split()
+        try:
+            at, task = float(fields[0].rstrip(":")), fields[2]
+            wait, delay, run = (float(field) / 1e3 for field in fields[3:6])
+        except (IndexError, ValueError):
+            continue
+        at += offset
+        name = task.split("[")[0]
+        runs.append((at - run, at, "idle" if name == "<idle>" else name))
+        if name == thread:
+            states.append((at - run - delay - wait, at - run - delay, "asleep"))
+            states.append((at - run - delay, at - run, "waiting for the core"))
+            states.append((at - run, at, "running"))
+    if not states:
+        sys.exit(f"{timehist}: no thread named {thread}")
+    first, last = runs[0][0], runs[-1][1]
+    slow = [(sent, answered) for sent, answered in slow if first <= sent and answered <= last]
+    total = sum(answered - sent for sent, answered in slow)
+    if not total:
+        return
+
+    def shares(intervals):
+        spent = defaultdict(float)
+        for sent, answered in slow:
+            for start, end, what in intervals:
+                spent[what] += max(0.0, min(answered, end) - max(sent, start))
+        return sorted(spent.items(), key=lambda item: -item[1])
+
+    print(f"While the {len(slow)} messages slower than 0.5 ms on the server were there:")
+    print(f"  {thread}: " + ", ".join(f"{what} {100 * t / total:.0f}%" for what, t in shares(states)))
+    ran = [(what, t) for what, t in shares(runs)[:8] if t / total >= 0.005]
+    print("  on its core: " + ", ".join(f"{what} {100 * t / total:.0f}%" for what, t in ran))
+
+
 def main():
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 7):
         sys.exit(__doc__)
     capture, port, log = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     requests, responses = wire_times(capture, port)
@@ -139,6 +184,14 @@ def main():
         f"The slowest 1% ({len(slowest)} messages), on average: {mean[0]:.0f} µs to the wire, "
         f"{mean[1]:.0f} in the server, {mean[2]:.0f} to the read, {mean[3]:.0f} in all."
     )
+    if len(sys.argv) == 7:
+        timehist, offset, thread = sys.argv[4], float(sys.argv[5]), sys.argv[6]
+        slow = [
+            (sent, answered)
+            for sent, answered in ((requests[m], responses[m]) for m in responses if m in requests)
+            if answered - sent > 0.0005
+        ]
+        thread_states(timehist, offset, thread, slow)
 
 
 if __name__ == "__main__":
