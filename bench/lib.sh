@@ -45,3 +45,36 @@ steal_percent() {
   awk -v a="$1" -v b="$2" 'BEGIN { split(a, x, " "); split(b, y, " ")
     total = y[2] - x[2]; printf "%.1f", (total > 0 ? 100 * (y[1] - x[1]) / total : 0) }'
 }
+
+# Builds the gateway and the reference echo server (release); sets IAGENT, unless it is set
+# already, and REFERENCE to their binaries.
+build_servers() {
+  echo "building (release)..." >&2
+  cargo build --release --quiet -p iagent
+  cargo build --release --quiet --manifest-path bench/reference-echo/Cargo.toml
+  local target reference_target
+  target=$(cargo metadata --format-version 1 --no-deps | jq -r .target_directory)
+  reference_target=$(cargo metadata --format-version 1 --no-deps \
+    --manifest-path bench/reference-echo/Cargo.toml | jq -r .target_directory)
+  IAGENT=${IAGENT:-"$target/release/iagent"}
+  REFERENCE="$reference_target/release/reference-echo"
+}
+
+# Starts gateway binary $1 on core $SERVER_CORE with its configuration, data and output in
+# directory $2, which holds `iagent.toml` already; sets server_pid, url and token.
+start_gateway_in() {
+  local build=$1 dir=$2
+  IAGENT_LOG=warn taskset -c "$SERVER_CORE" "$build" serve --config "$dir/iagent.toml" \
+    --data "$dir/data" --listen 127.0.0.1:0 >"$dir/stdout" 2>"$dir/stderr" &
+  server_pid=$!
+  read_first_start "$dir/stdout" || { cat "$dir/stderr" >&2; exit 1; }
+}
+
+# Starts the reference echo server ($REFERENCE) on core $SERVER_CORE, its output in file $1;
+# sets server_pid and url, and clears token (the reference takes none).
+start_reference_in() {
+  taskset -c "$SERVER_CORE" "$REFERENCE" 127.0.0.1:0 >"$1" 2>&1 &
+  server_pid=$!
+  url=$(wait_for_line "$1" '^listening on ' | grep -oE 'ws://[^ ]+')
+  token=
+}
