@@ -265,7 +265,7 @@ pub(crate) struct InFlightLimits {
 /// Everything the gateway holds for one app.
 pub(crate) struct AppState {
     /// The app's name, its id in logs and metrics.
-    pub(crate) name: String,
+    pub(crate) name: Arc<str>,
     /// The app's agents.
     pub(crate) agents: RwLock<Arc<AgentSet>>,
     /// The store's `agents_version` the agents were built from.
@@ -327,7 +327,7 @@ pub(crate) enum Begin {
 impl AppState {
     pub(crate) fn new(app: &App, agents: AgentSet, rate: Option<RateLimit>) -> Self {
         Self {
-            name: app.name.clone(),
+            name: app.name.as_str().into(),
             agents: RwLock::new(Arc::new(agents)),
             agents_version: AtomicU64::new(app.agents_version),
             pool: Mutex::default(),
@@ -568,7 +568,7 @@ impl Apps {
             .apps
             .write()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        apps.entry(state.name.clone())
+        apps.entry(state.name.to_string())
             .or_insert_with(|| Arc::new(state))
             .clone()
     }

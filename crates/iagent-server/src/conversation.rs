@@ -60,6 +60,11 @@ impl ConversationKey {
     pub(crate) fn storage_key(&self) -> &str {
         &self.0
     }
+
+    /// The same key, for the store's history entries: shared, not copied.
+    pub(crate) fn shared(&self) -> Arc<str> {
+        Arc::clone(&self.0)
+    }
 }
 
 /// A valid message waiting for its conversation's worker.
@@ -180,7 +185,7 @@ impl Processing<'_> {
         };
         let text = response.to_json();
         let completion = completion(
-            self.app,
+            &self.app.name,
             self.conversation,
             self.message,
             // Nothing after the record needs the inbound text: no claim comes on this path.
@@ -318,7 +323,7 @@ pub(crate) async fn complete(
     response: &Message,
 ) -> String {
     let frame = response.to_json();
-    let completion = completion(app, conversation, message, inbound, response, &frame);
+    let completion = completion(&app.name, conversation, message, inbound, response, &frame);
     if let Err(err) = gateway.store.complete(completion).await {
         // The response still goes out; only a resend of this msg_id would be processed again
         // (and after a restart, answered with 50).
@@ -328,20 +333,28 @@ pub(crate) async fn complete(
     frame
 }
 
-/// A message's terminal response with the history it adds, as the store takes them.
+/// A message's terminal response with the history it adds, as the store takes them. A reply
+/// is the response and the entry's reply at once, and is stored once.
 fn completion(
-    app: &AppState,
+    app: &Arc<str>,
     conversation: &ConversationKey,
     message: &Message,
     inbound: String,
     response: &Message,
     frame: &str,
 ) -> Completion {
-    Completion {
-        app: app.name.clone(),
-        msg_id: message.msg_id.clone(),
-        response: frame.to_owned(),
-        history: history(conversation, inbound, response, frame),
+    let entry = HistoryEntry {
+        conversation: conversation.shared(),
+        // The gateway's clock, not the sender's: retention must not be the backend's to set.
+        at_ms: response.timestamp,
+        message: inbound,
+        reply: None,
+    };
+    let (app, msg_id) = (Arc::clone(app), message.msg_id.clone());
+    if response.resp_code == RespCode::Ok {
+        Completion::replied(app, msg_id, entry, frame.to_owned())
+    } else {
+        Completion::new(app, msg_id, frame.to_owned(), vec![entry])
     }
 }
 
@@ -514,23 +527,6 @@ async fn earlier_messages(
         .collect())
 }
 
-/// What a processed message adds to its conversation's history: one entry, the message with
-/// the reply if there was one.
-fn history(
-    conversation: &ConversationKey,
-    inbound: String,
-    response: &Message,
-    frame: &str,
-) -> Vec<HistoryEntry> {
-    vec![HistoryEntry {
-        conversation: conversation.storage_key().to_owned(),
-        // The gateway's clock, not the sender's: retention must not be the backend's to set.
-        at_ms: response.timestamp,
-        message: inbound,
-        reply: (response.resp_code == RespCode::Ok).then(|| frame.to_owned()),
-    }]
-}
-
 /// Answers, with 50, every message a previous process claimed and never answered, so that each
 /// still gets its one response (in the outbox) and a resend gets the same one.
 pub(crate) async fn recover_unanswered(
@@ -617,9 +613,26 @@ mod tests {
             ..sent.clone()
         };
         let key = ConversationKey::of(&sent, "echo");
-        let entries = history(&key, sent.to_json(), &reply, &reply.to_json());
-        assert_eq!(entries.len(), 1);
-        assert_eq!(entries[0].at_ms, reply.timestamp);
-        assert_eq!(entries[0].reply.as_deref(), Some(reply.to_json().as_str()));
+        let app = Arc::from("shop");
+        let frame = reply.to_json();
+        let done = completion(&app, &key, &sent, sent.to_json(), &reply, &frame);
+        assert_eq!(done.history().len(), 1);
+        assert_eq!(done.history()[0].at_ms, reply.timestamp);
+        assert_eq!(done.history()[0].conversation, key.shared());
+        // A reply is the response and the entry's reply at once, carried once.
+        assert!(done.reply_entry().is_some());
+        assert_eq!(done.history()[0].reply.as_deref(), Some(frame.as_str()));
+        assert_eq!(done.response(), frame);
+
+        // A 10 is the message's response, and no reply in its history.
+        let declined = Message {
+            resp_code: RespCode::NoReply,
+            ..reply
+        };
+        let frame = declined.to_json();
+        let done = completion(&app, &key, &sent, sent.to_json(), &declined, &frame);
+        assert!(done.reply_entry().is_none());
+        assert_eq!(done.history()[0].reply, None);
+        assert_eq!(done.response(), frame);
     }
 }

@@ -124,7 +124,7 @@ pub(crate) async fn push(
         }
     };
     let entry = HistoryEntry {
-        conversation: conversation.storage_key().to_owned(),
+        conversation: conversation.shared(),
         at_ms: message.timestamp,
         message: frame.clone(),
         reply: None,

@@ -48,8 +48,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
                     while !stop.load(Ordering::Relaxed) {
                         let completion = completion(caller, n);
                         if claims {
-                            let message = completion.history[0].message.clone();
-                            let claim = store.claim("bench", &completion.msg_id, message, 0).await;
+                            let message = completion.history()[0].message.clone();
+                            let claim = store.claim("bench", completion.msg_id(), message, 0).await;
                             assert!(matches!(claim, Ok(Claim::New)), "{claim:?}");
                             store.complete(completion).await.expect("completed");
                         } else {
@@ -97,17 +97,13 @@ fn completion(caller: u64, n: u64) -> Completion {
     let response = format!(
         r#"{{"chat_type":1,"msg_id":"r-{caller}-{n}","ref_msg_id":"{msg_id}","timestamp":1796233539840,"sender_type":2,"sender_id":"echo","receiver_id":"user-{user}","resp_code":0,"content_type":1,"content":"hello, agent; message {n}"}}"#
     );
-    Completion {
-        app: "bench".into(),
-        msg_id,
-        history: vec![HistoryEntry {
-            conversation: format!("p:user-{user}:echo"),
-            at_ms: 0,
-            message,
-            reply: Some(response.clone()),
-        }],
-        response,
-    }
+    let entry = HistoryEntry {
+        conversation: format!("p:user-{user}:echo").into(),
+        at_ms: 0,
+        message,
+        reply: None,
+    };
+    Completion::replied("bench", msg_id, entry, response)
 }
 
 /// CPU seconds (user and system) the process has used so far.

@@ -16,6 +16,7 @@ pub mod token;
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 
 pub use sqlite::{
     DEFAULT_CACHE_MIB, DEFAULT_DEDUP_FILTER_MIB, DEFAULT_DEDUP_MERGE_ROWS, DEFAULT_ENTRY_LOG_KIB,
@@ -149,8 +150,9 @@ pub enum Claim {
 /// insert instead of two, and the two can never be separated by a purge.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistoryEntry {
-    /// The conversation's key (see the server's conversation module).
-    pub conversation: String,
+    /// The conversation's key (see the server's conversation module): shared, not copied,
+    /// with the server's own handle on the conversation.
+    pub conversation: Arc<str>,
     /// When the gateway stored the entry, by its own clock, in ms since the Unix epoch: the
     /// entry's age for retention. Entries are purged in the order they were appended, so
     /// this is expected to grow with them.
@@ -162,16 +164,95 @@ pub struct HistoryEntry {
 }
 
 /// The terminal response of a message, with the history it adds; stored in one transaction.
+///
+/// Made by [`Completion::replied`] when the response is the reply that the message's history
+/// entry holds (a 0), so that the text is carried and stored once and the store need not
+/// compare two copies to learn it; by [`Completion::new`] otherwise.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
+    app: Arc<str>,
+    msg_id: String,
+    response: Response,
+    history: Vec<HistoryEntry>,
+}
+
+/// Where a [`Completion`]'s response is.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Response {
+    /// Apart from the history, as JSON text.
+    Apart(String),
+    /// The reply of the completion's one history entry.
+    InEntry,
+}
+
+impl Completion {
+    /// A message's `response`, stored as its record (what a resent `msg_id` gets again), and
+    /// the entries it adds to conversations' histories, none or many: for a response that is
+    /// not a reply, such as a 10 or a 50.
+    pub fn new(
+        app: impl Into<Arc<str>>,
+        msg_id: impl Into<String>,
+        response: String,
+        history: Vec<HistoryEntry>,
+    ) -> Self {
+        Self {
+            app: app.into(),
+            msg_id: msg_id.into(),
+            response: Response::Apart(response),
+            history,
+        }
+    }
+
+    /// A message answered with `reply`, which is its response too: `entry` holds the message,
+    /// and takes `reply` as its reply (whatever it held), where the response is stored, once;
+    /// the entry is then the message's record.
+    pub fn replied(
+        app: impl Into<Arc<str>>,
+        msg_id: impl Into<String>,
+        entry: HistoryEntry,
+        reply: String,
+    ) -> Self {
+        Self {
+            app: app.into(),
+            msg_id: msg_id.into(),
+            response: Response::InEntry,
+            history: vec![HistoryEntry {
+                reply: Some(reply),
+                ..entry
+            }],
+        }
+    }
+
     /// The app.
-    pub app: String,
-    /// The answered message.
-    pub msg_id: String,
-    /// The response, as JSON text: what a resent `msg_id` gets again.
-    pub response: String,
-    /// Entries to append to the conversation's history.
-    pub history: Vec<HistoryEntry>,
+    pub fn app(&self) -> &str {
+        &self.app
+    }
+
+    /// The answered message's `msg_id`.
+    pub fn msg_id(&self) -> &str {
+        &self.msg_id
+    }
+
+    /// The response, as JSON text.
+    pub fn response(&self) -> &str {
+        match &self.response {
+            Response::Apart(text) => text,
+            Response::InEntry => self.history[0].reply.as_deref().unwrap_or_default(),
+        }
+    }
+
+    /// The entries to append to the conversations' histories.
+    pub fn history(&self) -> &[HistoryEntry] {
+        &self.history
+    }
+
+    /// The history entry whose reply is the response, if the response is one.
+    pub fn reply_entry(&self) -> Option<&HistoryEntry> {
+        match self.response {
+            Response::InEntry => self.history.first(),
+            Response::Apart(_) => None,
+        }
+    }
 }
 
 /// A message that was claimed but never answered: the process stopped while it was in flight.

@@ -861,23 +861,20 @@ impl Store for SqliteStore {
         // A response that is its history entry's reply is stored once, in the entry, which is
         // then the message's record: the job then only appends an entry, and its batch may go
         // to the entry log.
-        let in_entry = matches!(
-            completion.history.as_slice(),
-            [entry] if entry.reply.as_ref() == Some(&completion.response)
-        );
+        let in_entry = completion.reply_entry().is_some();
         let work = move |database: &mut Batch<'_>| {
-            let (app, msg_id) = (&completion.app, &completion.msg_id);
+            let (app, msg_id) = (completion.app(), completion.msg_id());
             if let Some(id) = database.dedup.find_recent(app, msg_id) {
                 return earlier_claim(database, id);
             }
-            if in_entry {
+            if let Some(entry) = completion.reply_entry() {
                 let Batch {
                     history,
                     dedup,
                     appends,
                     ..
                 } = database;
-                return match history.append_record(appends, app, msg_id, &completion.history[0])? {
+                return match history.append_record(appends, app, msg_id, entry)? {
                     Some(id) => {
                         dedup.inserted_entry(app, msg_id, id);
                         Ok(Claim::New)
@@ -891,10 +888,10 @@ impl Store for SqliteStore {
                 msg_id,
                 received_ms,
                 None,
-                Some(&completion.response),
+                Some(completion.response()),
             )?;
             if claim == Claim::New {
-                database.append_history(app, &completion.history)?;
+                database.append_history(app, completion.history())?;
             }
             Ok(claim)
         };
@@ -908,7 +905,7 @@ impl Store for SqliteStore {
             if let Some(Record::Row(id)) =
                 database
                     .dedup
-                    .find(database.conn, &completion.app, &completion.msg_id)?
+                    .find(database.conn, completion.app(), completion.msg_id())?
             {
                 database
                     .prepare_cached(
@@ -917,12 +914,12 @@ impl Store for SqliteStore {
                     .execute(params![
                         id,
                         Pack {
-                            text: &completion.response,
-                            msg_id: Some(&completion.msg_id)
+                            text: completion.response(),
+                            msg_id: Some(completion.msg_id())
                         }
                     ])?;
             }
-            database.append_history(&completion.app, &completion.history)
+            database.append_history(completion.app(), completion.history())
         })
     }
 

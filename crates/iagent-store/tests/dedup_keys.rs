@@ -31,16 +31,16 @@ fn echoed(app: &str, msg_id: &str) -> Completion {
 /// the response is the entry's reply (`in_entry`), else a dedup row.
 fn completed(app: &str, msg_id: &str, at_ms: i64, in_entry: bool) -> Completion {
     let response = format!("{app}: response to {msg_id}");
-    Completion {
-        app: app.into(),
-        msg_id: msg_id.into(),
-        response: response.clone(),
-        history: vec![HistoryEntry {
-            conversation: "c".into(),
-            at_ms,
-            message: format!("{app}: message {msg_id}"),
-            reply: in_entry.then_some(response),
-        }],
+    let entry = HistoryEntry {
+        conversation: "c".into(),
+        at_ms,
+        message: format!("{app}: message {msg_id}"),
+        reply: None,
+    };
+    if in_entry {
+        Completion::replied(app, msg_id, entry, response)
+    } else {
+        Completion::new(app, msg_id, response, vec![entry])
     }
 }
 

@@ -51,12 +51,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 fn completion(app: &str, msg_id: &str, response: &str, history: Vec<HistoryEntry>) -> Completion {
-    Completion {
-        app: app.into(),
-        msg_id: msg_id.into(),
-        response: response.into(),
-        history,
-    }
+    Completion::new(app, msg_id, response.into(), history)
 }
 
 fn history(conversation: &str, at_ms: i64, message: &str) -> HistoryEntry {
@@ -342,12 +337,8 @@ async fn claim_is_new_then_pending_then_answered() {
 
 /// An echo's completion: one history entry whose reply is the response itself.
 fn echoed(msg_id: &str, at_ms: i64) -> Completion {
-    let response = format!("response to {msg_id}");
-    let entry = HistoryEntry {
-        reply: Some(response.clone()),
-        ..history("c", at_ms, &format!("message {msg_id}"))
-    };
-    completion("shop", msg_id, &response, vec![entry])
+    let entry = history("c", at_ms, &format!("message {msg_id}"));
+    Completion::replied("shop", msg_id, entry, format!("response to {msg_id}"))
 }
 
 /// A data directory serves one store at a time: a second is refused, naming the directory,
@@ -858,11 +849,7 @@ async fn message_texts_are_stored_packed_and_read_back_as_they_were() {
     for (msg_id, at_ms) in [("b18ed80e-6-1", NOW - 100), ("b18ed80e-6-2", NOW)] {
         let (message, reply) = gateway_exchange(msg_id);
         texts += message.len() + reply.len();
-        let entry = HistoryEntry {
-            reply: Some(reply.clone()),
-            ..history("c", at_ms, &message)
-        };
-        let echo = completion("shop", msg_id, &reply, vec![entry]);
+        let echo = Completion::replied("shop", msg_id, history("c", at_ms, &message), reply);
         assert_eq!(store.record(echo, NOW).await.unwrap(), Claim::New);
     }
     write_entry_log(&store).await;

@@ -114,12 +114,12 @@ impl Store for GatedStore {
         })
     }
     fn record(&self, completion: Completion, received_ms: i64) -> BoxFuture<'_, Result<Claim>> {
-        let gate = self.gates.lock().unwrap().get(&completion.msg_id).cloned();
+        let gate = self.gates.lock().unwrap().get(completion.msg_id()).cloned();
         Box::pin(async move {
             if let Some(gate) = gate {
                 let _pass = gate.acquire().await.expect("gate open");
             }
-            let msg_id = completion.msg_id.clone();
+            let msg_id = completion.msg_id().to_owned();
             let claim = self.inner.record(completion, received_ms).await?;
             if claim == Claim::New {
                 *self.completions.lock().unwrap().entry(msg_id).or_default() += 1;
@@ -132,7 +132,7 @@ impl Store for GatedStore {
             .completions
             .lock()
             .unwrap()
-            .entry(completion.msg_id.clone())
+            .entry(completion.msg_id().to_owned())
             .or_default() += 1;
         self.inner.complete(completion)
     }

@@ -802,7 +802,7 @@ mod tests {
         let entries: Vec<HistoryEntry> = conversations
             .zip(heads.next_id..)
             .map(|(n, id)| HistoryEntry {
-                conversation: format!("{prefix}{n}"),
+                conversation: format!("{prefix}{n}").into(),
                 at_ms: 1,
                 message: format!("{prefix}{n} m{id}"),
                 reply: None,
