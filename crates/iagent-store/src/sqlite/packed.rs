@@ -208,17 +208,32 @@ fn pack(text: &str, msg_id: Option<&str>, packed: &mut Vec<u8>) -> bool {
     true
 }
 
-/// Where the next name may begin: the first `{` or `,`. The values between names are a few
-/// bytes long (only the content, written last, is long), and over a few bytes a loop is
-/// cheaper than a vector search's setup, which `memchr` paid at each of them; it searches
-/// what lies beyond.
+/// Where the next name may begin: the first `{` or `,`, looked for eight bytes at a time, in a
+/// word. The values between names are a few bytes long (only the content, written last, is
+/// long), too short for a vector search's setup, which `memchr` paid at each of them, and a
+/// byte at a time they took more instructions: the benchmark's message and reply packed in
+/// 2 710 instead of 2 950 (callgrind).
 fn name_start(bytes: &[u8]) -> Option<usize> {
-    const SHORT: usize = 32;
-    let (short, long) = bytes.split_at(bytes.len().min(SHORT));
-    match short.iter().position(|&byte| byte == b'{' || byte == b',') {
-        Some(at) => Some(at),
-        None => memchr::memchr2(b'{', b',', long).map(|at| at + SHORT),
+    const ONES: u64 = u64::from_le_bytes([0x01; 8]);
+    const HIGHS: u64 = u64::from_le_bytes([0x80; 8]);
+    const BRACES: u64 = u64::from_le_bytes([b'{'; 8]);
+    const COMMAS: u64 = u64::from_le_bytes([b','; 8]);
+    // The high bit of each byte that is zero, and maybe of bytes above one that is: the
+    // lowest set bit is always the first zero byte's.
+    let zeros = |word: u64| word.wrapping_sub(ONES) & !word & HIGHS;
+    let mut at = 0;
+    while let Some(chunk) = bytes[at..].first_chunk::<8>() {
+        let word = u64::from_le_bytes(*chunk);
+        let found = zeros(word ^ BRACES) | zeros(word ^ COMMAS);
+        if found != 0 {
+            return Some(at + found.trailing_zeros() as usize / 8);
+        }
+        at += 8;
     }
+    bytes[at..]
+        .iter()
+        .position(|&byte| byte == b'{' || byte == b',')
+        .map(|found| at + found)
 }
 
 /// Each name as two words, its first eight bytes and its last eight (every name is 9 to 16
@@ -379,9 +394,9 @@ mod tests {
 
     #[test]
     fn names_after_long_values_are_packed() {
-        // Values of every length around the span `name_start` steps over byte by byte, with a
-        // `,` or `{` in some of them, and the record's id among them.
-        for length in [0, 1, 30, 31, 32, 33, 64, 200] {
+        // Values of every length around the words `name_start` reads, with a `,` or `{` in
+        // some of them, and the record's id among them.
+        for length in [0, 1, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 200] {
             for filler in ["x", ",", "{"] {
                 let long = filler.repeat(length);
                 let text = format!(
@@ -392,6 +407,29 @@ mod tests {
                     let packed = packed(&text, msg_id).expect("names to pack");
                     let names = packed.iter().filter(|&&byte| byte < RECORD_MSG_ID).count();
                     assert_eq!(names, 8, "{text} packed as {packed:?}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_name_start_is_found_wherever_it_is_in_a_word() {
+        let first = |bytes: &[u8]| bytes.iter().position(|&byte| byte == b'{' || byte == b',');
+        // Fillers next to `,` and `{` in value, and bytes with the high bit set: a word's
+        // search must neither miss the first nor take one of them for it.
+        for filler in [b'x', b'+', b'-', b'z', b'|', 0x00, 0xac, 0xfb] {
+            for len in 0..40 {
+                for at in 0..=len {
+                    for (found, then) in [(b',', b'{'), (b'{', b',')] {
+                        let mut bytes = vec![filler; len];
+                        if let Some(byte) = bytes.get_mut(at) {
+                            *byte = found;
+                        }
+                        if let Some(byte) = bytes.get_mut(at + 3) {
+                            *byte = then;
+                        }
+                        assert_eq!(name_start(&bytes), first(&bytes), "{bytes:?}");
+                    }
                 }
             }
         }
