@@ -237,7 +237,11 @@ impl Completion {
     pub fn response(&self) -> &str {
         match &self.response {
             Response::Apart(text) => text,
-            Response::InEntry => self.history[0].reply.as_deref().unwrap_or_default(),
+            Response::InEntry => self
+                .history
+                .first()
+                .and_then(|entry| entry.reply.as_deref())
+                .unwrap_or_default(),
         }
     }
 
