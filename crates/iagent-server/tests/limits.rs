@@ -1,7 +1,8 @@
 //! Limits and liveness: protocol-level abuse (a frame over the size limit, invalid UTF-8 in a
 //! text frame) closes only the offending connection with 1009 / 1007; an app at its connection
 //! limit is refused with 429 and `Retry-After` until a slot frees; a peer that stops answering
-//! pings is closed while one that keeps reading stays; an app at its in-flight limit gets 50
+//! pings is closed while one that keeps reading stays, and one that stops reading is dropped at
+//! the write timeout with its responses rerouted; an app at its in-flight limit gets 50
 //! `overloaded` for a message that is then not recorded; and `/healthz` answers while serving.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -178,6 +179,55 @@ async fn a_peer_that_never_answers_pings_is_closed() {
         "fresh",
         0,
     );
+    gateway.stop().await;
+}
+
+/// A peer that sends and never reads: once the socket's buffers are full, the gateway's write
+/// to it waits, and past `write_timeout_ms` the connection is dropped and what it could not
+/// take goes to the rest of the pool.
+#[tokio::test]
+async fn a_peer_that_stops_reading_is_dropped_at_the_write_timeout_and_its_responses_rerouted() {
+    let mut config = Config::default();
+    config.timeouts.write_timeout_ms = 200;
+    let gateway = TestGateway::with_config(config).await;
+    let mut reader = gateway.connect().await;
+    let stalled = gateway.connect().await;
+    gateway
+        .wait_for_metric("iagent_connections{app=\"app1\"}", 2)
+        .await;
+
+    // Echoes of 16 KiB (the largest text) fill the loopback's buffers within a few hundred
+    // messages; the sending stops by itself when the gateway drops the connection. The
+    // receiving half is never polled: nothing is read.
+    let (mut sink, _never_read) = stalled.ws.split();
+    let text = "x".repeat(16 * 1024);
+    let sending = tokio::spawn(async move {
+        for n in 0..4096 {
+            let message = private(&format!("stalled-{n}"), &format!("user-{n}"), &text);
+            if sink
+                .send(WsMessage::text(message.to_string()))
+                .await
+                .is_err()
+            {
+                return;
+            }
+        }
+    });
+
+    // The stalled connection leaves the pool at its write timeout, and its responses come
+    // out of the one that reads.
+    gateway
+        .wait_for_metric("iagent_connections{app=\"app1\"}", 1)
+        .await;
+    let response = reader.recv().await;
+    let ref_msg_id = response["ref_msg_id"].as_str().expect("a response");
+    assert!(ref_msg_id.starts_with("stalled-"), "{response}");
+    assert_eq!(response["resp_code"], 0);
+    assert!(
+        gateway.metric("iagent_rerouted_total{app=\"app1\"}").await >= 1,
+        "the unwritten responses were rerouted"
+    );
+    sending.abort();
     gateway.stop().await;
 }
 
