@@ -6,8 +6,10 @@
 //! it), then every frame still queued for it is routed again, so a dropped connection loses no
 //! response.
 
+use std::future::poll_fn;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
+use std::task::Poll;
 use std::time::Instant;
 
 use axum::body::Bytes;
@@ -388,11 +390,17 @@ impl Session {
                     tokio::task::yield_now().await;
                     queue.is_empty()
                 });
-            let outcome = timeout(write_timeout, async {
+            let write = async {
                 sink.feed(frame).await?;
                 if flush { sink.flush().await } else { Ok(()) }
-            })
-            .await;
+            };
+            let mut write = std::pin::pin!(write);
+            // Tried once before the write timeout is armed: the socket takes nearly every frame
+            // at once, and a timeout armed for each read the clock and made a timer entry.
+            let outcome = match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+                Poll::Ready(written) => Ok(written),
+                Poll::Pending => timeout(write_timeout, write).await,
+            };
             match outcome {
                 Ok(Ok(())) => {}
                 Ok(Err(err)) => {
