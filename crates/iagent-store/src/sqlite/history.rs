@@ -432,9 +432,10 @@ impl HistoryHeads {
         Ok(())
     }
 
-    /// Records that `id` is the newest entry of the conversation; allocates only for a
-    /// conversation new to the tail.
-    fn moved(&mut self, app: &str, conversation: &str, id: i64) {
+    /// Records that `id` is the newest entry of the conversation; takes its key (allocates,
+    /// for a `&str`) only for a conversation new to the tail. A history entry's key is shared
+    /// with its caller already, and the tail shares it too instead of copying it.
+    fn moved<K: AsRef<str> + Into<Arc<str>>>(&mut self, app: &str, conversation: K, id: i64) {
         self.rows += 1;
         let head = Head {
             id,
@@ -442,13 +443,13 @@ impl HistoryHeads {
         };
         match self.tail.get_mut(app) {
             None => {
-                let conversations = Conversations::from_iter([(Arc::from(conversation), head)]);
+                let conversations = Conversations::from_iter([(conversation.into(), head)]);
                 self.tail.insert(app.to_owned(), conversations);
             }
-            Some(conversations) => match conversations.get_mut(conversation) {
+            Some(conversations) => match conversations.get_mut(conversation.as_ref()) {
                 Some(known) => *known = head,
                 None => {
-                    conversations.insert(Arc::from(conversation), head);
+                    conversations.insert(conversation.into(), head);
                 }
             },
         }
@@ -533,7 +534,7 @@ impl HistoryHeads {
             None => {
                 let prev = merged_head(appends.conn, app, &entry.conversation)?;
                 appends.push(id, app, msg_id, entry, prev)?;
-                self.moved(app, &entry.conversation, id);
+                self.moved(app, Arc::clone(&entry.conversation), id);
             }
         }
         self.next_id += 1;
