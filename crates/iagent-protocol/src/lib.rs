@@ -7,6 +7,7 @@
 //! - [`validate`]: [`parse_inbound`] turns one text frame into a valid [`Message`] or a
 //!   [`Rejection`] that says exactly what is wrong (answered with `resp_code` 40).
 //! - [`response`]: how the gateway's own messages (responses and rejections) are shaped.
+//! - [`packed`]: a message's text in the compact form a store keeps it in.
 //!
 //! This crate knows nothing of sockets or runtimes, so the server, the client SDK and the fuzz
 //! targets share one definition of the protocol.
@@ -14,6 +15,7 @@
 mod fields;
 mod json;
 pub mod message;
+pub mod packed;
 pub mod response;
 pub mod validate;
 

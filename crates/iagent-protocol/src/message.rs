@@ -8,11 +8,7 @@ use std::fmt;
 use serde::de::{self, Deserializer, Unexpected, Visitor};
 use serde::{Deserialize, Serialize, Serializer};
 
-use crate::json;
-
-/// The bytes of a message's JSON text besides its strings' own: the field names, punctuation,
-/// numbers, and a little room for escapes. Enough that writing one allocates once.
-const JSON_OVERHEAD: usize = 192;
+use crate::json::{self, Fields, Name};
 
 /// One chat message: an inbound message from a backend, or a message the gateway sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -49,28 +45,25 @@ impl Message {
     /// `Serialize` gives, written by hand (see [`crate::json`]), since every message the
     /// gateway handles is serialized at least once.
     pub fn to_json(&self) -> String {
-        let optional = |field: &Option<String>| field.as_ref().map_or(0, |value| value.len() + 16);
-        let mut json = json::Object::with_capacity(
-            JSON_OVERHEAD
-                + self.msg_id.len()
-                + optional(&self.ref_msg_id)
-                + optional(&self.group_id)
-                + self.sender_id.len()
-                + optional(&self.receiver_id)
-                + self.content.len(),
-        );
-        json.number("{\"chat_type\":", self.chat_type.code());
-        json.string(",\"msg_id\":", &self.msg_id);
-        json.optional_string(",\"ref_msg_id\":", self.ref_msg_id.as_deref());
-        json.number(",\"timestamp\":", self.timestamp);
-        json.optional_string(",\"group_id\":", self.group_id.as_deref());
-        json.number(",\"sender_type\":", self.sender_type.code());
-        json.string(",\"sender_id\":", &self.sender_id);
-        json.optional_string(",\"receiver_id\":", self.receiver_id.as_deref());
-        json.number(",\"resp_code\":", self.resp_code.code());
-        json.number(",\"content_type\":", self.content_type.code());
-        json.string(",\"content\":", &self.content);
+        let mut json = json::Object::with_capacity(json::text_capacity(self));
+        self.write(&mut json);
         json.finish()
+    }
+
+    /// Writes the fields, in the order of the text, all but the closing brace.
+    #[inline]
+    pub(crate) fn write(&self, out: &mut impl Fields) {
+        out.number(Name::ChatType, self.chat_type.code());
+        out.string(Name::MsgId, &self.msg_id);
+        out.optional_string(Name::RefMsgId, self.ref_msg_id.as_deref());
+        out.number(Name::Timestamp, self.timestamp);
+        out.optional_string(Name::GroupId, self.group_id.as_deref());
+        out.number(Name::SenderType, self.sender_type.code());
+        out.string(Name::SenderId, &self.sender_id);
+        out.optional_string(Name::ReceiverId, self.receiver_id.as_deref());
+        out.number(Name::RespCode, self.resp_code.code());
+        out.number(Name::ContentType, self.content_type.code());
+        out.string(Name::Content, &self.content);
     }
 }
 

@@ -14,7 +14,7 @@ use std::time::Instant;
 
 use iagent_agent::{Agent, AgentError, MAX_HISTORY, NoReply, Reply, Turn};
 use iagent_protocol::{ChatType, Message, RespCode};
-use iagent_store::{Claim, Completion, HistoryEntry};
+use iagent_store::{Claim, Completion, HistoryEntry, MessageText};
 use tokio::sync::OwnedSemaphorePermit;
 
 use crate::apps::{AppState, Deferred};
@@ -116,13 +116,14 @@ async fn process(gateway: Arc<Gateway>, app: Arc<AppState>, job: Job) {
         received,
         permit,
     } = job;
+    // Shared with the store, which keeps it packed from its fields: its text is never written.
+    let message = Arc::new(message);
     let turn = Processing {
         gateway,
         app,
         agent: agent.as_ref(),
         conversation: &conversation,
         message: &message,
-        inbound: message.to_json(),
     };
     let frame = if agent.repeatable() {
         turn.answer_then_record().await
@@ -152,9 +153,8 @@ struct Processing<'a> {
     app: &'a AppState,
     agent: &'a dyn Agent,
     conversation: &'a ConversationKey,
-    message: &'a Message,
-    /// The message as JSON text: stored for recovery while unanswered, and in the history.
-    inbound: String,
+    /// Stored for recovery while unanswered, and in the history.
+    message: &'a Arc<Message>,
 }
 
 impl Processing<'_> {
@@ -165,14 +165,14 @@ impl Processing<'_> {
             return earlier;
         }
         match self.ask().await {
-            Answer::Now(response) => Some(self.complete(&response).await),
+            Answer::Now(response) => Some(self.complete(response).await),
             Answer::Later => self.wait_for_push().await,
         }
     }
 
     /// The path for repeatable agents (see [`Agent::repeatable`]): asked first, then the
     /// message is recorded with its answer in one write, half the writes of claim-then-answer.
-    async fn answer_then_record(mut self) -> Option<Outcome> {
+    async fn answer_then_record(self) -> Option<Outcome> {
         let response = match self.ask().await {
             Answer::Now(response) => response,
             // A reply to come waits on a claim, as any agent's does.
@@ -184,23 +184,11 @@ impl Processing<'_> {
             }
         };
         let text = response.to_json();
-        let completion = completion(
-            &self.app.name,
-            self.conversation,
-            self.message,
-            // Nothing after the record needs the inbound text: no claim comes on this path.
-            std::mem::take(&mut self.inbound),
-            &response,
-            &text,
-        );
+        let (code, made_ms) = (response.resp_code, response.timestamp);
+        let completion = completion(&self.app.name, self.conversation, self.message, response);
         // Stored as received when its response was made, the moment its history entry
         // carries: a clock read fewer a message.
-        match self
-            .gateway
-            .store
-            .record(completion, response.timestamp)
-            .await
-        {
+        match self.gateway.store.record(completion, made_ms).await {
             Ok(Claim::New) => {}
             Err(err) => {
                 // The answer still goes out; a resend of this msg_id is asked again, which a
@@ -210,7 +198,7 @@ impl Processing<'_> {
             // A msg_id answered (or claimed) before: its first response stands.
             earlier => return self.settle(earlier, "record").err().flatten(),
         }
-        self.app.counters.response(response.resp_code);
+        self.app.counters.response(code);
         Some(Outcome {
             text,
             answered_here: true,
@@ -222,7 +210,7 @@ impl Processing<'_> {
         let claim = self.gateway.store.claim(
             &self.app.name,
             &self.message.msg_id,
-            self.inbound.clone(),
+            MessageText::Message(Arc::clone(self.message)),
             now_ms(),
         );
         self.settle(claim.await, "claim")
@@ -292,17 +280,16 @@ impl Processing<'_> {
         match defer(self.gateway, self.app, self.message, self.agent.id()).await {
             // The message now waits for its pushed reply, holding no in-flight place.
             Ok(()) => None,
-            Err(response) => Some(self.complete(&response).await),
+            Err(response) => Some(self.complete(response).await),
         }
     }
 
-    async fn complete(self, response: &Message) -> Outcome {
+    async fn complete(self, response: Message) -> Outcome {
         let text = complete(
             self.gateway,
             self.app,
             self.conversation,
             self.message,
-            self.inbound,
             response,
         )
         .await;
@@ -318,43 +305,42 @@ pub(crate) async fn complete(
     gateway: &Gateway,
     app: &AppState,
     conversation: &ConversationKey,
-    message: &Message,
-    inbound: String,
-    response: &Message,
+    message: &Arc<Message>,
+    response: Message,
 ) -> String {
     let frame = response.to_json();
-    let completion = completion(&app.name, conversation, message, inbound, response, &frame);
+    let code = response.resp_code;
+    let completion = completion(&app.name, conversation, message, response);
     if let Err(err) = gateway.store.complete(completion).await {
         // The response still goes out; only a resend of this msg_id would be processed again
         // (and after a restart, answered with 50).
         gateway.store_failed("complete", &err);
     }
-    app.counters.response(response.resp_code);
+    app.counters.response(code);
     frame
 }
 
 /// A message's terminal response with the history it adds, as the store takes them. A reply
-/// is the response and the entry's reply at once, and is stored once.
+/// is the response and the entry's reply at once, and is stored once. Both messages are
+/// handed over as they are: the store packs them from their fields.
 fn completion(
     app: &Arc<str>,
     conversation: &ConversationKey,
-    message: &Message,
-    inbound: String,
-    response: &Message,
-    frame: &str,
+    message: &Arc<Message>,
+    response: Message,
 ) -> Completion {
     let entry = HistoryEntry {
         conversation: conversation.shared(),
         // The gateway's clock, not the sender's: retention must not be the backend's to set.
         at_ms: response.timestamp,
-        message: inbound,
+        message: MessageText::Message(Arc::clone(message)),
         reply: None,
     };
     let (app, msg_id) = (Arc::clone(app), message.msg_id.clone());
     if response.resp_code == RespCode::Ok {
-        Completion::replied(app, msg_id, entry, frame.to_owned())
+        Completion::replied(app, msg_id, entry, response)
     } else {
-        Completion::new(app, msg_id, frame.to_owned(), vec![entry])
+        Completion::new(app, msg_id, response, vec![entry])
     }
 }
 
@@ -409,16 +395,8 @@ pub(crate) async fn answer_deferred(
     response: Message,
 ) {
     let conversation = ConversationKey::of(&deferred.message, &deferred.agent);
-    let inbound = deferred.message.to_json();
-    let frame = complete(
-        gateway,
-        app,
-        &conversation,
-        &deferred.message,
-        inbound,
-        &response,
-    )
-    .await;
+    let message = Arc::new(deferred.message);
+    let frame = complete(gateway, app, &conversation, &message, response).await;
     delivery::deliver_answer(gateway, app, frame.into(), deferred.origins).await;
 }
 
@@ -549,15 +527,7 @@ pub(crate) async fn recover_unanswered(
         let response =
             message.text_response(gateway.ids.next(), &agent_id, RespCode::Failed, cause);
         let conversation = ConversationKey::of(&message, &agent_id);
-        let frame = complete(
-            gateway,
-            &app,
-            &conversation,
-            &message,
-            entry.inbound,
-            &response,
-        )
-        .await;
+        let frame = complete(gateway, &app, &conversation, &Arc::new(message), response).await;
         // No connection is open yet: this lands in the outbox.
         delivery::deliver(gateway, &app, frame.into(), None).await;
     }
@@ -614,25 +584,29 @@ mod tests {
         };
         let key = ConversationKey::of(&sent, "echo");
         let app = Arc::from("shop");
-        let frame = reply.to_json();
-        let done = completion(&app, &key, &sent, sent.to_json(), &reply, &frame);
+        let sent = Arc::new(sent);
+        let done = completion(&app, &key, &sent, reply.clone());
         assert_eq!(done.history().len(), 1);
         assert_eq!(done.history()[0].at_ms, reply.timestamp);
         assert_eq!(done.history()[0].conversation, key.shared());
+        assert_eq!(
+            done.history()[0].message,
+            MessageText::Message(sent.clone())
+        );
         // A reply is the response and the entry's reply at once, carried once.
         assert!(done.reply_entry().is_some());
-        assert_eq!(done.history()[0].reply.as_deref(), Some(frame.as_str()));
-        assert_eq!(done.response(), frame);
+        let handed = MessageText::from(reply.clone());
+        assert_eq!(done.history()[0].reply.as_ref(), Some(&handed));
+        assert_eq!(done.response(), &handed);
 
         // A 10 is the message's response, and no reply in its history.
         let declined = Message {
             resp_code: RespCode::NoReply,
             ..reply
         };
-        let frame = declined.to_json();
-        let done = completion(&app, &key, &sent, sent.to_json(), &declined, &frame);
+        let done = completion(&app, &key, &sent, declined.clone());
         assert!(done.reply_entry().is_none());
         assert_eq!(done.history()[0].reply, None);
-        assert_eq!(done.response(), frame);
+        assert_eq!(done.response(), &MessageText::from(declined));
     }
 }

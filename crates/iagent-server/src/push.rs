@@ -126,7 +126,7 @@ pub(crate) async fn push(
     let entry = HistoryEntry {
         conversation: conversation.shared(),
         at_ms: message.timestamp,
-        message: frame.clone(),
+        message: frame.clone().into(),
         reply: None,
     };
     if let Err(err) = gateway.store.append_history(&app.name, vec![entry]).await {

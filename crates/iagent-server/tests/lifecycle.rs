@@ -126,7 +126,10 @@ async fn a_message_claimed_by_a_process_that_died_is_answered_with_50_after_rest
             .unwrap();
         let now = i64::try_from(now.as_millis()).unwrap();
         assert_eq!(
-            store.claim("app1", "orphan", inbound, now).await.unwrap(),
+            store
+                .claim("app1", "orphan", inbound.into(), now)
+                .await
+                .unwrap(),
             Claim::New
         );
         token.expose().to_owned()

@@ -100,7 +100,7 @@ fn completion(caller: u64, n: u64) -> Completion {
     let entry = HistoryEntry {
         conversation: format!("p:user-{user}:echo").into(),
         at_ms: 0,
-        message,
+        message: message.into(),
         reply: None,
     };
     Completion::replied("bench", msg_id, entry, response)

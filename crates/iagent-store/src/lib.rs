@@ -18,6 +18,8 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use iagent_protocol::Message;
+
 pub use sqlite::{
     DEFAULT_CACHE_MIB, DEFAULT_DEDUP_FILTER_MIB, DEFAULT_DEDUP_MERGE_ROWS, DEFAULT_ENTRY_LOG_KIB,
     DEFAULT_HISTORY_MERGE_ROWS, DEFAULT_MMAP_MIB, DEFAULT_PURGE_SLICE_ROWS, DEFAULT_QUEUE_CAPACITY,
@@ -157,10 +159,48 @@ pub struct HistoryEntry {
     /// entry's age for retention. Entries are purged in the order they were appended, so
     /// this is expected to grow with them.
     pub at_ms: i64,
-    /// The message, as JSON text.
-    pub message: String,
-    /// The reply to it, as JSON text, when there was one.
-    pub reply: Option<String>,
+    /// The message.
+    pub message: MessageText,
+    /// The reply to it, when there was one.
+    pub reply: Option<MessageText>,
+}
+
+/// A message as the store is given it: its JSON text, or the message itself, which is stored
+/// packed from its fields (see [`iagent_protocol::packed`]) without its text being written
+/// first. A text reads back as it was given, a message as the text [`Message::to_json`] gives.
+///
+/// Shared, not copied, with whoever holds the message after it is stored: the gateway keeps a
+/// message it processes in flight until its response is stored.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum MessageText {
+    /// JSON text, stored as it is or packed ([`iagent_protocol::packed::pack`]).
+    Json(String),
+    /// A message, stored packed.
+    Message(Arc<Message>),
+}
+
+impl From<String> for MessageText {
+    fn from(text: String) -> Self {
+        Self::Json(text)
+    }
+}
+
+impl From<&str> for MessageText {
+    fn from(text: &str) -> Self {
+        Self::Json(text.to_owned())
+    }
+}
+
+impl From<Arc<Message>> for MessageText {
+    fn from(message: Arc<Message>) -> Self {
+        Self::Message(message)
+    }
+}
+
+impl From<Message> for MessageText {
+    fn from(message: Message) -> Self {
+        Self::Message(Arc::new(message))
+    }
 }
 
 /// The terminal response of a message, with the history it adds; stored in one transaction.
@@ -179,8 +219,8 @@ pub struct Completion {
 /// Where a [`Completion`]'s response is.
 #[derive(Debug, Clone, PartialEq, Eq)]
 enum Response {
-    /// Apart from the history, as JSON text.
-    Apart(String),
+    /// Apart from the history.
+    Apart(MessageText),
     /// The reply of the completion's one history entry.
     InEntry,
 }
@@ -192,13 +232,13 @@ impl Completion {
     pub fn new(
         app: impl Into<Arc<str>>,
         msg_id: impl Into<String>,
-        response: String,
+        response: impl Into<MessageText>,
         history: Vec<HistoryEntry>,
     ) -> Self {
         Self {
             app: app.into(),
             msg_id: msg_id.into(),
-            response: Response::Apart(response),
+            response: Response::Apart(response.into()),
             history,
         }
     }
@@ -210,14 +250,14 @@ impl Completion {
         app: impl Into<Arc<str>>,
         msg_id: impl Into<String>,
         entry: HistoryEntry,
-        reply: String,
+        reply: impl Into<MessageText>,
     ) -> Self {
         Self {
             app: app.into(),
             msg_id: msg_id.into(),
             response: Response::InEntry,
             history: vec![HistoryEntry {
-                reply: Some(reply),
+                reply: Some(reply.into()),
                 ..entry
             }],
         }
@@ -233,15 +273,15 @@ impl Completion {
         &self.msg_id
     }
 
-    /// The response, as JSON text.
-    pub fn response(&self) -> &str {
+    /// The response.
+    pub fn response(&self) -> &MessageText {
         match &self.response {
             Response::Apart(text) => text,
             Response::InEntry => self
                 .history
                 .first()
-                .and_then(|entry| entry.reply.as_deref())
-                .unwrap_or_default(),
+                .and_then(|entry| entry.reply.as_ref())
+                .expect("a completion made by `replied` has an entry with its reply"),
         }
     }
 
@@ -371,7 +411,7 @@ pub trait Store: Send + Sync + 'static {
         &self,
         app: &str,
         msg_id: &str,
-        inbound: String,
+        inbound: MessageText,
         now_ms: i64,
     ) -> BoxFuture<'_, Result<Claim>>;
     /// Stores a message's terminal response and its history.

@@ -44,8 +44,8 @@ use self::writer::{Batch, Database, Shared, write_loop};
 use crate::token::{self, Token};
 use crate::{
     AgentRecord, App, BoxFuture, Claim, Completion, DeferredMessage, ECHO_AGENT_ID, FileMeta,
-    HistoryEntry, OutboxEntry, PurgeBefore, Purged, Result, Store, StoreError, StoredFile,
-    Unanswered, check_agent_id, check_app_name, is_file_id,
+    HistoryEntry, MessageText, OutboxEntry, PurgeBefore, Purged, Result, Store, StoreError,
+    StoredFile, Unanswered, check_agent_id, check_app_name, is_file_id,
 };
 
 /// The file the database lives in, inside the data directory.
@@ -600,8 +600,8 @@ fn insert_row(
     app: &str,
     msg_id: &str,
     received_ms: i64,
-    inbound: Option<&str>,
-    response: Option<&str>,
+    inbound: Option<&MessageText>,
+    response: Option<&MessageText>,
 ) -> Result<Claim> {
     // A key the filter rules out is not merged, and is not looked up: with many keys merged,
     // each look was a descent through pages spread all over the table.
@@ -845,7 +845,7 @@ impl Store for SqliteStore {
         &self,
         app: &str,
         msg_id: &str,
-        inbound: String,
+        inbound: MessageText,
         now_ms: i64,
     ) -> BoxFuture<'_, Result<Claim>> {
         let (app, msg_id) = (app.to_owned(), msg_id.to_owned());

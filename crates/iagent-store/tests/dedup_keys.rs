@@ -34,7 +34,7 @@ fn completed(app: &str, msg_id: &str, at_ms: i64, in_entry: bool) -> Completion 
     let entry = HistoryEntry {
         conversation: "c".into(),
         at_ms,
-        message: format!("{app}: message {msg_id}"),
+        message: format!("{app}: message {msg_id}").into(),
         reply: None,
     };
     if in_entry {

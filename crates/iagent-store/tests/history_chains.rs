@@ -25,7 +25,7 @@ fn entry(conversation: &str, at_ms: i64, message: String) -> HistoryEntry {
     HistoryEntry {
         conversation: conversation.into(),
         at_ms,
-        message,
+        message: message.into(),
         reply: None,
     }
 }
@@ -489,7 +489,7 @@ async fn an_entry_reads_back_as_its_message_then_its_reply_and_limits_count_mess
     let exchanges = [("q1", Some("a1")), ("q2", None), ("q3", Some("a3"))];
     for (message, reply) in exchanges {
         let entry = HistoryEntry {
-            reply: reply.map(str::to_owned),
+            reply: reply.map(Into::into),
             ..entry("a", NOW, message.into())
         };
         store.append_history("shop", vec![entry]).await.unwrap();

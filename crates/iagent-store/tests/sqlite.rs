@@ -14,9 +14,10 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::sync::Arc;
 
+use iagent_protocol::Message;
 use iagent_store::{
-    AgentRecord, Claim, Completion, HistoryEntry, Options, PurgeBefore, SqliteStore, Store,
-    StoreError, Unanswered, token,
+    AgentRecord, Claim, Completion, HistoryEntry, MessageText, Options, PurgeBefore, SqliteStore,
+    Store, StoreError, Unanswered, token,
 };
 use tokio::task::JoinSet;
 
@@ -51,7 +52,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 }
 
 fn completion(app: &str, msg_id: &str, response: &str, history: Vec<HistoryEntry>) -> Completion {
-    Completion::new(app, msg_id, response.into(), history)
+    Completion::new(app, msg_id, response, history)
 }
 
 fn history(conversation: &str, at_ms: i64, message: &str) -> HistoryEntry {
@@ -312,7 +313,8 @@ async fn the_database_holds_token_hashes_never_token_text() {
 #[tokio::test]
 async fn claim_is_new_then_pending_then_answered() {
     let (_dir, store) = fresh();
-    let claim = |msg_id: &'static str| store.claim("shop", msg_id, format!("in-{msg_id}"), NOW);
+    let claim =
+        |msg_id: &'static str| store.claim("shop", msg_id, format!("in-{msg_id}").into(), NOW);
 
     assert_eq!(claim("m1").await.unwrap(), Claim::New);
     assert_eq!(claim("m1").await.unwrap(), Claim::Pending);
@@ -893,12 +895,64 @@ async fn message_texts_are_stored_packed_and_read_back_as_they_were() {
 
     // A claimed message's inbound text, and its response once completed.
     let (inbound, response) = gateway_exchange("b18ed80e-6-3");
-    let claim = store.claim("shop", "b18ed80e-6-3", inbound.clone(), NOW);
+    let claim = store.claim("shop", "b18ed80e-6-3", inbound.clone().into(), NOW);
     assert_eq!(claim.await.unwrap(), Claim::New);
     let unanswered = store.unanswered().await.unwrap();
     assert_eq!(unanswered.len(), 1);
     assert_eq!(unanswered[0].inbound, inbound);
     let done = completion("shop", "b18ed80e-6-3", &response, vec![]);
+    store.complete(done).await.unwrap();
+    assert_eq!(
+        store
+            .claim("shop", "b18ed80e-6-3", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered(response)
+    );
+}
+
+/// The gateway hands the store the messages it processes, not their texts: each is stored in
+/// the bytes its text would take, and reads back as that text, in the history, in a dedup row
+/// and as an unanswered message.
+#[tokio::test]
+async fn messages_handed_over_as_messages_are_stored_as_their_texts() {
+    let message = |text: &str| -> MessageText {
+        Arc::new(serde_json::from_str::<Message>(text).expect("a message")).into()
+    };
+    let (dir, store) = fresh();
+    for (msg_id, as_messages) in [("b18ed80e-6-1", false), ("b18ed80e-6-2", true)] {
+        let (inbound, reply) = gateway_exchange(msg_id);
+        let echo = if as_messages {
+            let entry = HistoryEntry {
+                message: message(&inbound),
+                ..history("c", NOW, "")
+            };
+            Completion::replied("shop", msg_id, entry, message(&reply))
+        } else {
+            Completion::replied("shop", msg_id, history("c", NOW, &inbound), reply)
+        };
+        assert_eq!(store.record(echo, NOW).await.unwrap(), Claim::New);
+    }
+    write_entry_log(&store).await;
+    let entries = SqliteStore::stored_entries(&dir.path().join("iagent.sqlite3")).unwrap();
+    assert!(entries.iter().all(|entry| entry.packed), "{entries:?}");
+    // The two exchanges differ in one digit of their `msg_id`, which the record's code stands
+    // for: the same bytes each.
+    assert_eq!(entries[0].stored_bytes, entries[1].stored_bytes);
+    let (first, second) = (
+        gateway_exchange("b18ed80e-6-1"),
+        gateway_exchange("b18ed80e-6-2"),
+    );
+    assert_eq!(
+        store.history("shop", "c", 10).await.unwrap(),
+        [&*first.0, &first.1, &second.0, &second.1]
+    );
+
+    let (inbound, response) = gateway_exchange("b18ed80e-6-3");
+    let claim = store.claim("shop", "b18ed80e-6-3", message(&inbound), NOW);
+    assert_eq!(claim.await.unwrap(), Claim::New);
+    assert_eq!(store.unanswered().await.unwrap()[0].inbound, inbound);
+    let done = Completion::new("shop", "b18ed80e-6-3", message(&response), vec![]);
     store.complete(done).await.unwrap();
     assert_eq!(
         store
@@ -1002,7 +1056,7 @@ async fn unanswered_lists_exactly_the_claimed_and_uncompleted() {
     ] {
         let inbound = format!(r#"{{"app":"{app}","msg_id":"{msg_id}"}}"#);
         assert_eq!(
-            store.claim(app, msg_id, inbound, at).await.unwrap(),
+            store.claim(app, msg_id, inbound.into(), at).await.unwrap(),
             Claim::New
         );
     }
@@ -1606,7 +1660,9 @@ async fn concurrent_claims_yield_exactly_one_new_per_msg_id() {
             let store = store.clone();
             tasks.spawn(async move {
                 let msg_id = format!("m{i}");
-                let claim = store.claim("shop", &msg_id, format!("in-{i}"), NOW).await;
+                let claim = store
+                    .claim("shop", &msg_id, format!("in-{i}").into(), NOW)
+                    .await;
                 (msg_id, claim)
             });
         }
@@ -1615,7 +1671,9 @@ async fn concurrent_claims_yield_exactly_one_new_per_msg_id() {
             let j = i % SUBSET;
             tasks.spawn(async move {
                 let msg_id = format!("m{j}");
-                let claim = store.claim("shop", &msg_id, format!("in-{j}"), NOW).await;
+                let claim = store
+                    .claim("shop", &msg_id, format!("in-{j}").into(), NOW)
+                    .await;
                 (msg_id, claim)
             });
         }

@@ -13,7 +13,8 @@ use futures_util::{SinkExt, StreamExt};
 use iagent_server::{Config, Kinds, Server, ServerError};
 use iagent_store::{
     AgentRecord, App, BoxFuture, Claim, Completion, DeferredMessage, FileMeta, HistoryEntry,
-    OutboxEntry, PurgeBefore, Purged, Result, SqliteStore, Store, StoredFile, Token, Unanswered,
+    MessageText, OutboxEntry, PurgeBefore, Purged, Result, SqliteStore, Store, StoredFile, Token,
+    Unanswered,
 };
 use serde_json::{Value, json};
 use tokio::net::TcpStream;
@@ -101,7 +102,7 @@ impl Store for GatedStore {
         &self,
         app: &str,
         msg_id: &str,
-        inbound: String,
+        inbound: MessageText,
         now_ms: i64,
     ) -> BoxFuture<'_, Result<Claim>> {
         let gate = self.gates.lock().unwrap().get(msg_id).cloned();

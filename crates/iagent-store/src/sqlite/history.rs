@@ -186,8 +186,8 @@ pub(super) struct Appends<'a> {
     /// Whether the batch goes to the entry log: no chunk is written, whatever gathers.
     logged: bool,
     /// The stored forms of the entry's message and reply.
-    message: Vec<u8>,
-    reply: Vec<u8>,
+    message: String,
+    reply: String,
 }
 
 impl<'a> Appends<'a> {
@@ -199,8 +199,8 @@ impl<'a> Appends<'a> {
             assumed: Assumed::default(),
             look_up_each: false,
             logged: false,
-            message: Vec::new(),
-            reply: Vec::new(),
+            message: String::new(),
+            reply: String::new(),
         }
     }
 
@@ -270,7 +270,7 @@ impl<'a> Appends<'a> {
         }
         .stored(&mut self.message);
         let reply =
-            (entry.reply.as_deref()).map(|text| Pack { text, msg_id }.stored(&mut self.reply));
+            (entry.reply.as_ref()).map(|text| Pack { text, msg_id }.stored(&mut self.reply));
         let entry = Entry {
             id,
             prev,
@@ -805,7 +805,7 @@ mod tests {
             .map(|(n, id)| HistoryEntry {
                 conversation: format!("{prefix}{n}").into(),
                 at_ms: 1,
-                message: format!("{prefix}{n} m{id}"),
+                message: format!("{prefix}{n} m{id}").into(),
                 reply: None,
             })
             .collect();
