@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::task::Poll;
 use std::time::Instant;
 
-use iagent_agent::{Agent, AgentError, MAX_HISTORY, NoReply, Reply, Turn};
+use iagent_agent::{Agent, AgentError, BoxFuture, MAX_HISTORY, NoReply, Reply, Turn};
 use iagent_protocol::{ChatType, Message, RespCode};
 use iagent_store::{Claim, Completion, HistoryEntry, MessageText};
 use tokio::sync::OwnedSemaphorePermit;
@@ -87,6 +87,14 @@ pub(crate) struct Job {
 /// finishing it copy that state several times: when it held the first job in three places
 /// (736 bytes), the copies were 6.2% of the runtime thread's time at saturation, and 1.8%
 /// since.
+///
+/// The boxed processing is kept under 1 KiB (752 bytes): the allocator's fast path ends there
+/// (mimalloc's small blocks), and a processing of 1 528 bytes cost its box some 280
+/// instructions more. So the rare paths (a claim before a pushed reply, an agent that does not
+/// answer at once, the copies of a resent message's response, the outbox) are boxed where they
+/// are taken, and [`process`] and [`Processing::record`] do their synchronous work before
+/// their futures, whose state would otherwise keep their arguments (a `Job` holds its message,
+/// 160 bytes) across every await.
 pub(crate) fn run(
     gateway: Arc<Gateway>,
     app: Arc<AppState>,
@@ -107,8 +115,11 @@ pub(crate) fn run(
     }
 }
 
-async fn process(gateway: Arc<Gateway>, app: Arc<AppState>, job: Job) {
-    let (gateway, app) = (&gateway, &app);
+fn process(
+    gateway: Arc<Gateway>,
+    app: Arc<AppState>,
+    job: Job,
+) -> impl Future<Output = ()> + Send + 'static {
     let Job {
         message,
         agent,
@@ -118,26 +129,29 @@ async fn process(gateway: Arc<Gateway>, app: Arc<AppState>, job: Job) {
     } = job;
     // Shared with the store, which keeps it packed from its fields: its text is never written.
     let message = Arc::new(message);
-    let turn = Processing {
-        gateway,
-        app,
-        agent: agent.as_ref(),
-        conversation: &conversation,
-        message: &message,
-    };
-    let frame = if agent.repeatable() {
-        turn.answer_then_record().await
-    } else {
-        turn.claim_then_answer().await
-    };
-    if frame.as_ref().is_some_and(|frame| frame.answered_here) {
-        gateway.metrics.observe_latency(received.elapsed());
+    async move {
+        let (gateway, app) = (&gateway, &app);
+        let turn = Processing {
+            gateway,
+            app,
+            agent: agent.as_ref(),
+            conversation: &conversation,
+            message: &message,
+        };
+        let frame = if agent.repeatable() {
+            turn.answer_then_record().await
+        } else {
+            Box::pin(turn.claim_then_answer()).await
+        };
+        if frame.as_ref().is_some_and(|frame| frame.answered_here) {
+            gateway.metrics.observe_latency(received.elapsed());
+        }
+        let origins = app.finish(&message);
+        if let Some(frame) = frame {
+            delivery::deliver_answer(gateway, app, frame.text.into(), origins).await;
+        }
+        drop(permit);
     }
-    let origins = app.finish(&message);
-    if let Some(frame) = frame {
-        delivery::deliver_answer(gateway, app, frame.text.into(), origins).await;
-    }
-    drop(permit);
 }
 
 /// A response frame to route, and whether this process made it (rather than replaying a
@@ -175,34 +189,51 @@ impl Processing<'_> {
     async fn answer_then_record(self) -> Option<Outcome> {
         let response = match self.ask().await {
             Answer::Now(response) => response,
-            // A reply to come waits on a claim, as any agent's does.
-            Answer::Later => {
-                return match self.claim().await {
-                    Ok(()) => self.wait_for_push().await,
-                    Err(earlier) => earlier,
-                };
-            }
+            // A reply to come waits on a claim, as any agent's does. Rare, and boxed: its
+            // futures would make every message's task larger (see [`run`]).
+            Answer::Later => return Box::pin(self.claim_then_wait()).await,
         };
+        self.record(response).await
+    }
+
+    /// Records the message with its `response`, which is its answer unless the message was
+    /// answered before.
+    ///
+    /// The frame is written and the store's job made before the future: an `async fn` keeps
+    /// its arguments and its locals in its state across the await (the response alone is 160
+    /// bytes), and the state is part of every message's task.
+    fn record(self, response: Message) -> impl Future<Output = Option<Outcome>> {
         let text = response.to_json();
         let (code, made_ms) = (response.resp_code, response.timestamp);
         let completion = completion(&self.app.name, self.conversation, self.message, response);
         // Stored as received when its response was made, the moment its history entry
         // carries: a clock read fewer a message.
-        match self.gateway.store.record(completion, made_ms).await {
-            Ok(Claim::New) => {}
-            Err(err) => {
-                // The answer still goes out; a resend of this msg_id is asked again, which a
-                // repeatable agent answers the same way.
-                self.gateway.store_failed("record", &err);
+        let stored = self.gateway.store.record(completion, made_ms);
+        async move {
+            match stored.await {
+                Ok(Claim::New) => {}
+                Err(err) => {
+                    // The answer still goes out; a resend of this msg_id is asked again, which
+                    // a repeatable agent answers the same way.
+                    self.gateway.store_failed("record", &err);
+                }
+                // A msg_id answered (or claimed) before: its first response stands.
+                earlier => return self.settle(earlier, "record").err().flatten(),
             }
-            // A msg_id answered (or claimed) before: its first response stands.
-            earlier => return self.settle(earlier, "record").err().flatten(),
+            self.app.counters.response(code);
+            Some(Outcome {
+                text,
+                answered_here: true,
+            })
         }
-        self.app.counters.response(code);
-        Some(Outcome {
-            text,
-            answered_here: true,
-        })
+    }
+
+    /// Claims the message, then parks it until its agent pushes the reply.
+    async fn claim_then_wait(self) -> Option<Outcome> {
+        match self.claim().await {
+            Ok(()) => self.wait_for_push().await,
+            Err(earlier) => earlier,
+        }
     }
 
     /// Claims the message: `Ok` when it is new here, else what a message seen before gets.
@@ -435,7 +466,6 @@ async fn answer(
     }
     // A cooldown reads more history than the agent is given.
     let history = &history[history.len().saturating_sub(agent.history_len())..];
-    let deadline = gateway.config.timeouts.agent_deadline();
     let files = AppFiles {
         gateway,
         app: &app.name,
@@ -448,20 +478,14 @@ async fn answer(
     // The agent first, polled once: one that answers at once (the built-in ones do) is
     // neither given a deadline, which reads the clock, nor raced against the shutdown, whose
     // future would join its token's waiters and leave again.
-    let mut reply = std::pin::pin!(agent.reply(turn));
+    let mut reply = agent.reply(turn);
     let first = std::future::poll_fn(|cx| Poll::Ready(reply.as_mut().poll(cx))).await;
     let outcome = match first {
         Poll::Ready(outcome) => outcome,
-        Poll::Pending => tokio::select! {
-            biased;
-            outcome = tokio::time::timeout(deadline, reply) => outcome.unwrap_or_else(|_| {
-                Err(AgentError::Timeout { agent: agent.id().to_owned(), deadline })
-            }),
-            () = gateway.abandon.cancelled() => Err(AgentError::Failed {
-                agent: agent.id().to_owned(),
-                cause: "the gateway shut down before the agent answered".into(),
-            }),
-        },
+        // Boxed: the deadline's timer and the shutdown's waiter would make every message's
+        // task larger (see [`run`]), and an agent that keeps its caller waiting takes far
+        // longer than an allocation.
+        Poll::Pending => Box::pin(wait_for_reply(gateway, agent, reply)).await,
     };
     match outcome {
         Ok(Reply::Content {
@@ -474,6 +498,26 @@ async fn answer(
         Ok(Reply::Declined(reason)) => respond(RespCode::NoReply, &reason),
         Ok(Reply::Deferred) => Answer::Later,
         Err(err) => respond(RespCode::Failed, &err.to_string()),
+    }
+}
+
+/// The rest of an agent's reply that did not come at once: under the agent's deadline, and
+/// given up at the end of the shutdown's grace period.
+async fn wait_for_reply(
+    gateway: &Gateway,
+    agent: &dyn Agent,
+    reply: BoxFuture<'_, Result<Reply, AgentError>>,
+) -> Result<Reply, AgentError> {
+    let deadline = gateway.config.timeouts.agent_deadline();
+    tokio::select! {
+        biased;
+        outcome = tokio::time::timeout(deadline, reply) => outcome.unwrap_or_else(|_| {
+            Err(AgentError::Timeout { agent: agent.id().to_owned(), deadline })
+        }),
+        () = gateway.abandon.cancelled() => Err(AgentError::Failed {
+            agent: agent.id().to_owned(),
+            cause: "the gateway shut down before the agent answered".into(),
+        }),
     }
 }
 
@@ -539,6 +583,20 @@ mod tests {
     use iagent_protocol::{ContentType, SenderType};
 
     use super::*;
+
+    /// The size of what `make` returns, found without calling it.
+    fn returned_size<A, B, C, R>(_make: fn(A, B, C) -> R) -> usize {
+        std::mem::size_of::<R>()
+    }
+
+    /// Each message's processing is boxed, and a box over 1 KiB leaves the allocator's fast
+    /// path (see [`run`]): a future awaited on the common path that grows it past that must be
+    /// boxed where it is taken instead, as the rare paths are.
+    #[test]
+    fn a_message_s_processing_fits_the_allocator_s_small_blocks() {
+        let size = returned_size(process as fn(_, _, _) -> _);
+        assert!(size <= 1024, "{size} bytes");
+    }
 
     #[test]
     fn storage_keys_of_different_conversations_differ() {

@@ -40,7 +40,9 @@ pub(crate) async fn deliver(
         };
     }
     if let Outbound::Response(frame) | Outbound::Outboxed { frame, .. } = item {
-        to_outbox(gateway, app, frame).await;
+        // Boxed, as the rare path it is: its store call would make every message's task
+        // larger (see the conversation module's `run`).
+        Box::pin(to_outbox(gateway, app, frame)).await;
     }
 }
 
@@ -62,6 +64,20 @@ pub(crate) async fn deliver_answer(
     if earlier.is_empty() {
         return deliver(gateway, app, frame, Some(last)).await;
     }
+    // Boxed, as the rare path it is: its sends would make every message's task larger (see
+    // the conversation module's `run`).
+    Box::pin(deliver_copies(gateway, app, frame, last, earlier)).await;
+}
+
+/// Routes the response of a message that came in on several connections: to `last`, with a
+/// copy to each of the `earlier` ones that is open.
+async fn deliver_copies(
+    gateway: &Arc<Gateway>,
+    app: &Arc<AppState>,
+    frame: Utf8Bytes,
+    last: ConnId,
+    earlier: Vec<ConnId>,
+) {
     let mut open: Vec<PoolMember> = earlier
         .into_iter()
         .chain([last])
