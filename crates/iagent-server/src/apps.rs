@@ -424,33 +424,43 @@ impl AppState {
     pub(crate) fn begin(&self, job: Job, origin: ConnId, limits: InFlightLimits) -> Begin {
         {
             let mut in_flight = lock(&self.in_flight);
+            let InFlight {
+                by_msg,
+                by_sender,
+                deferred,
+            } = &mut *in_flight;
             // The pool's lock is never held while this one is taken.
             let open = |id| self.member(id).is_some();
-            if let Some(origins) = in_flight.by_msg.get_mut(&job.message.msg_id) {
-                origins.resent_on(origin, open);
-                return Begin::Duplicate;
-            }
-            if let Some(waiting) = in_flight.deferred.get_mut(&job.message.msg_id) {
+            let full = by_msg.len() >= limits.per_app;
+            // Each map is looked up once, by entry: the keys are copied for the message in
+            // flight anyway, and a look-up then an insert hashed each twice.
+            let place = match by_msg.entry(job.message.msg_id.clone()) {
+                Entry::Occupied(mut origins) => {
+                    origins.get_mut().resent_on(origin, open);
+                    return Begin::Duplicate;
+                }
+                Entry::Vacant(place) => place,
+            };
+            if let Some(waiting) = deferred.get_mut(&job.message.msg_id) {
                 match &mut waiting.origins {
                     Some(origins) => origins.resent_on(origin, open),
                     None => waiting.origins = Some(Origins::new(origin)),
                 }
                 return Begin::Duplicate;
             }
-            if in_flight.by_msg.len() >= limits.per_app {
+            if full {
                 return Begin::Overloaded(job);
             }
-            let sender = &job.message.sender_id;
-            match in_flight.by_sender.get_mut(sender) {
-                Some(count) if *count < limits.per_sender => *count += 1,
-                None if limits.per_sender > 0 => {
-                    in_flight.by_sender.insert(sender.clone(), 1);
+            match by_sender.entry(job.message.sender_id.clone()) {
+                Entry::Occupied(mut count) if *count.get() < limits.per_sender => {
+                    *count.get_mut() += 1;
+                }
+                Entry::Vacant(count) if limits.per_sender > 0 => {
+                    count.insert(1);
                 }
                 _ => return Begin::SenderBusy(job),
             }
-            in_flight
-                .by_msg
-                .insert(job.message.msg_id.clone(), Origins::new(origin));
+            place.insert(Origins::new(origin));
         }
         match lock(&self.conversations).entry(job.conversation.clone()) {
             Entry::Occupied(mut queue) => {
