@@ -161,17 +161,32 @@ pub(crate) fn push_string_body(out: &mut String, value: &str) {
 /// eight bytes at a time, since nearly all of the gateway's JSON text is such runs, in the
 /// frames it reads and in those it writes.
 pub(crate) fn plain_len(bytes: &[u8]) -> usize {
-    let mut chunks = bytes.chunks_exact(8);
-    for (index, chunk) in chunks.by_ref().enumerate() {
-        let word = u64::from_le_bytes(chunk.try_into().expect("chunks of eight"));
-        let found = needing_escape(word);
+    // Little-endian: the lowest byte of a word is the first, and the lowest flag is exact.
+    let first_flagged = |found: u64| found.trailing_zeros() as usize / 8;
+    let mut at = 0;
+    while let Some(chunk) = bytes[at..].first_chunk::<8>() {
+        let found = needing_escape(u64::from_le_bytes(*chunk));
         if found != 0 {
-            // Little-endian: the lowest byte is the first, and the lowest flag is exact.
-            return index * 8 + found.trailing_zeros() as usize / 8;
+            return at + first_flagged(found);
         }
+        at += 8;
     }
-    let rest = chunks.remainder();
-    bytes.len() - rest.len() + rest.iter().take_while(|&&byte| !needs_escape(byte)).count()
+    if at == bytes.len() {
+        return at;
+    }
+    // The last bytes, in the word that ends the text where it has one: the bytes it shares
+    // with the words before are plain, so its lowest flag, if any, is among the last. A byte
+    // at a time, they were a fifth of the instructions of writing a message's strings.
+    match bytes.last_chunk::<8>() {
+        Some(last) => match needing_escape(u64::from_le_bytes(*last)) {
+            0 => bytes.len(),
+            found => bytes.len() - 8 + first_flagged(found),
+        },
+        None => bytes
+            .iter()
+            .take_while(|&&byte| !needs_escape(byte))
+            .count(),
+    }
 }
 
 /// The high bit of each byte of `word` that [`needs_escape`]; above the lowest such byte,
