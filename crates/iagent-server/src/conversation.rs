@@ -367,7 +367,7 @@ fn completion(
         message: MessageText::Message(Arc::clone(message)),
         reply: None,
     };
-    let (app, msg_id) = (Arc::clone(app), message.msg_id.clone());
+    let (app, msg_id) = (Arc::clone(app), Arc::<str>::from(message.msg_id.as_str()));
     if response.resp_code == RespCode::Ok {
         Completion::replied(app, msg_id, entry, response)
     } else {

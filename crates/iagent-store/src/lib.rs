@@ -211,18 +211,22 @@ impl From<Message> for MessageText {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Completion {
     app: Arc<str>,
-    msg_id: String,
-    response: Response,
-    history: Vec<HistoryEntry>,
+    /// Shared with the store's record of the key, when the record is the entry.
+    msg_id: Arc<str>,
+    body: Body,
 }
 
-/// Where a [`Completion`]'s response is.
+/// A [`Completion`]'s response and history.
 #[derive(Debug, Clone, PartialEq, Eq)]
-enum Response {
-    /// Apart from the history.
-    Apart(MessageText),
-    /// The reply of the completion's one history entry.
-    InEntry,
+enum Body {
+    /// A response apart from the entries it adds.
+    Apart {
+        response: MessageText,
+        history: Vec<HistoryEntry>,
+    },
+    /// A reply, which its one entry holds as the entry's reply: held here, not in a list of
+    /// one, which cost every echo an allocation.
+    Replied(HistoryEntry),
 }
 
 impl Completion {
@@ -231,15 +235,17 @@ impl Completion {
     /// not a reply, such as a 10 or a 50.
     pub fn new(
         app: impl Into<Arc<str>>,
-        msg_id: impl Into<String>,
+        msg_id: impl Into<Arc<str>>,
         response: impl Into<MessageText>,
         history: Vec<HistoryEntry>,
     ) -> Self {
         Self {
             app: app.into(),
             msg_id: msg_id.into(),
-            response: Response::Apart(response.into()),
-            history,
+            body: Body::Apart {
+                response: response.into(),
+                history,
+            },
         }
     }
 
@@ -248,18 +254,17 @@ impl Completion {
     /// the entry is then the message's record.
     pub fn replied(
         app: impl Into<Arc<str>>,
-        msg_id: impl Into<String>,
+        msg_id: impl Into<Arc<str>>,
         entry: HistoryEntry,
         reply: impl Into<MessageText>,
     ) -> Self {
         Self {
             app: app.into(),
             msg_id: msg_id.into(),
-            response: Response::InEntry,
-            history: vec![HistoryEntry {
+            body: Body::Replied(HistoryEntry {
                 reply: Some(reply.into()),
                 ..entry
-            }],
+            }),
         }
     }
 
@@ -273,28 +278,35 @@ impl Completion {
         &self.msg_id
     }
 
+    /// The same, shared.
+    pub(crate) fn shared_msg_id(&self) -> &Arc<str> {
+        &self.msg_id
+    }
+
     /// The response.
     pub fn response(&self) -> &MessageText {
-        match &self.response {
-            Response::Apart(text) => text,
-            Response::InEntry => self
-                .history
-                .first()
-                .and_then(|entry| entry.reply.as_ref())
-                .expect("a completion made by `replied` has an entry with its reply"),
+        match &self.body {
+            Body::Apart { response, .. } => response,
+            Body::Replied(entry) => entry
+                .reply
+                .as_ref()
+                .expect("`replied` gives its entry the reply"),
         }
     }
 
     /// The entries to append to the conversations' histories.
     pub fn history(&self) -> &[HistoryEntry] {
-        &self.history
+        match &self.body {
+            Body::Apart { history, .. } => history,
+            Body::Replied(entry) => std::slice::from_ref(entry),
+        }
     }
 
     /// The history entry whose reply is the response, if the response is one.
     pub fn reply_entry(&self) -> Option<&HistoryEntry> {
-        match self.response {
-            Response::InEntry => self.history.first(),
-            Response::Apart(_) => None,
+        match &self.body {
+            Body::Replied(entry) => Some(entry),
+            Body::Apart { .. } => None,
         }
     }
 }

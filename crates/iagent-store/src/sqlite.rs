@@ -876,7 +876,7 @@ impl Store for SqliteStore {
                 } = database;
                 return match history.append_record(appends, app, msg_id, entry)? {
                     Some(id) => {
-                        dedup.inserted_entry(app, msg_id, id);
+                        dedup.inserted_entry(app, Arc::clone(completion.shared_msg_id()), id);
                         Ok(Claim::New)
                     }
                     None => earlier_merged_claim(database, app, msg_id),

@@ -444,12 +444,12 @@ impl DedupKeys {
         let mut rows = rows.query([self.through])?;
         while let Some(row) = rows.next()? {
             let (app, msg_id): (String, String) = (row.get(0)?, row.get(1)?);
-            self.appended(&app, &msg_id, Record::Row(row.get(2)?));
+            self.appended(&app, Arc::from(msg_id), Record::Row(row.get(2)?));
         }
         let after = self.entries_through.max(self.entries_expired);
         chunks::for_each_after(conn, after, |entry| {
             if let Some(msg_id) = entry.msg_id {
-                self.appended(entry.app, msg_id, Record::Entry(entry.id));
+                self.appended(entry.app, Arc::from(msg_id), Record::Entry(entry.id));
             }
             Ok(ControlFlow::Continue(()))
         })?;
@@ -489,20 +489,20 @@ impl DedupKeys {
 
     /// Records that the row [`DedupKeys::next_id`] was inserted with this key.
     pub(super) fn inserted(&mut self, app: &str, msg_id: &str) {
-        self.appended(app, msg_id, Record::Row(self.next_id));
+        self.appended(app, Arc::from(msg_id), Record::Row(self.next_id));
         self.next_id += 1;
     }
 
-    /// Records that the history entry `id` was inserted with this key.
-    pub(super) fn inserted_entry(&mut self, app: &str, msg_id: &str, id: i64) {
+    /// Records that the history entry `id` was inserted with this key: shared with the
+    /// completion that carried it, not copied.
+    pub(super) fn inserted_entry(&mut self, app: &str, msg_id: Arc<str>, id: i64) {
         self.appended(app, msg_id, Record::Entry(id));
     }
 
-    fn appended(&mut self, app: &str, msg_id: &str, record: Record) {
+    fn appended(&mut self, app: &str, msg_id: Arc<str>, record: Record) {
         if let Record::Entry(id) = record {
             self.last_entry = self.last_entry.max(id);
         }
-        let msg_id: Arc<str> = Arc::from(msg_id);
         let keys = match self.tail.get_mut(app) {
             Some(keys) => keys,
             None => self.tail.entry(app.to_owned()).or_insert_with(|| AppKeys {
@@ -787,7 +787,7 @@ impl DedupKeys {
                 forget.push(entry.app, msg_id, Record::Entry(entry.id).key_id())?;
                 self.next_id += 1;
                 if !in_tail {
-                    self.appended(entry.app, msg_id, Record::Row(id));
+                    self.appended(entry.app, Arc::from(msg_id), Record::Row(id));
                 }
             }
             Ok(ControlFlow::Continue(()))

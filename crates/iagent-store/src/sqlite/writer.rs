@@ -820,7 +820,7 @@ mod tests {
                 let id = (batch * per_batch + n + 1) as i64;
                 database
                     .dedup
-                    .inserted_entry("shop", &format!("m-{id}"), id);
+                    .inserted_entry("shop", format!("m-{id}").into(), id);
             }
             transaction(&database, "COMMIT").expect("commit");
             let pending = database.dedup.rows();
