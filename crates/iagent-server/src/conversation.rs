@@ -44,16 +44,19 @@ impl ConversationKey {
     /// whose machinery was 2% of the runtime thread's time, for one key per message.
     pub(crate) fn private(user: &str, agent: &str) -> Self {
         let mut len = itoa::Buffer::new();
-        Self(
-            ["p:", len.format(user.len()), ":", user, ":", agent]
-                .concat()
-                .into(),
-        )
+        Self(shared_concat(&[
+            "p:",
+            len.format(user.len()),
+            ":",
+            user,
+            ":",
+            agent,
+        ]))
     }
 
     /// The chat of a group.
     pub(crate) fn group(group: &str) -> Self {
-        Self(["g:", group].concat().into())
+        Self(shared_concat(&["g:", group]))
     }
 
     /// The key under which the store keeps the conversation's history.
@@ -65,6 +68,25 @@ impl ConversationKey {
     pub(crate) fn shared(&self) -> Arc<str> {
         Arc::clone(&self.0)
     }
+}
+
+/// `parts` one after the other, as one shared string made with one allocation, where
+/// `concat` and then `Arc::from` made two: put together on the stack when they fit in its
+/// 64 bytes, as nearly every conversation's key does.
+fn shared_concat(parts: &[&str]) -> Arc<str> {
+    const ON_STACK: usize = 64;
+    let len = parts.iter().map(|part| part.len()).sum::<usize>();
+    if len > ON_STACK {
+        return parts.concat().into();
+    }
+    let mut joined = [0; ON_STACK];
+    let mut at = 0;
+    for part in parts {
+        joined[at..at + part.len()].copy_from_slice(part.as_bytes());
+        at += part.len();
+    }
+    // Whole strings one after the other are UTF-8: the other branch is never taken.
+    std::str::from_utf8(&joined[..len]).map_or_else(|_| parts.concat().into(), Arc::from)
 }
 
 /// A valid message waiting for its conversation's worker.
@@ -613,6 +635,12 @@ mod tests {
         let private = ConversationKey::private("user-12345678901", "echo");
         assert_eq!(private.storage_key(), "p:16:user-12345678901:echo");
         assert_eq!(ConversationKey::group("team").storage_key(), "g:team");
+        // Keys longer than the stack's room are put together on the heap, the same.
+        let (user, group) = ("ü".repeat(40), "g".repeat(128));
+        let long = ConversationKey::private(&user, "echo");
+        assert_eq!(long.storage_key(), format!("p:80:{user}:echo"));
+        let long = ConversationKey::group(&group);
+        assert_eq!(long.storage_key(), format!("g:{group}"));
     }
 
     #[test]
