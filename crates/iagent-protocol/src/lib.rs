@@ -18,6 +18,7 @@ pub mod message;
 pub mod packed;
 pub mod response;
 pub mod validate;
+mod words;
 
 pub use message::{ChatType, ContentType, FileIds, Message, RespCode, SenderType};
 pub use response::{GATEWAY_SENDER_ID, ResponseMeta};

@@ -844,6 +844,46 @@ fn gateway_exchange(msg_id: &str) -> (String, String) {
     (message, reply)
 }
 
+/// The two exchanges the packing tests record in conversation `c`, read back whole from its
+/// history; returned for the tests to go on with.
+async fn assert_both_exchanges_read_back(
+    store: &SqliteStore,
+) -> ((String, String), (String, String)) {
+    let (first, second) = (
+        gateway_exchange("b18ed80e-6-1"),
+        gateway_exchange("b18ed80e-6-2"),
+    );
+    assert_eq!(
+        store.history("shop", "c", 10).await.unwrap(),
+        [&*first.0, &first.1, &second.0, &second.1]
+    );
+    (first, second)
+}
+
+/// A third exchange, claimed with its message given by `given` and completed with its
+/// response given the same way: the unanswered message and the stored response read back as
+/// their texts.
+async fn assert_claimed_then_completed_read_back(
+    store: &SqliteStore,
+    given: impl Fn(&str) -> MessageText,
+) {
+    let (inbound, response) = gateway_exchange("b18ed80e-6-3");
+    let claim = store.claim("shop", "b18ed80e-6-3", given(&inbound), NOW);
+    assert_eq!(claim.await.unwrap(), Claim::New);
+    let unanswered = store.unanswered().await.unwrap();
+    assert_eq!(unanswered.len(), 1);
+    assert_eq!(unanswered[0].inbound, inbound);
+    let done = Completion::new("shop", "b18ed80e-6-3", given(&response), vec![]);
+    store.complete(done).await.unwrap();
+    assert_eq!(
+        store
+            .claim("shop", "b18ed80e-6-3", "again".into(), NOW)
+            .await
+            .unwrap(),
+        Claim::Answered(response)
+    );
+}
+
 #[tokio::test]
 async fn message_texts_are_stored_packed_and_read_back_as_they_were() {
     let (dir, store) = fresh();
@@ -864,14 +904,7 @@ async fn message_texts_are_stored_packed_and_read_back_as_they_were() {
         "{stored} bytes stored for {texts} of text"
     );
 
-    let (first, second) = (
-        gateway_exchange("b18ed80e-6-1"),
-        gateway_exchange("b18ed80e-6-2"),
-    );
-    assert_eq!(
-        store.history("shop", "c", 10).await.unwrap(),
-        [&*first.0, &first.1, &second.0, &second.1]
-    );
+    let (first, second) = assert_both_exchanges_read_back(&store).await;
     // The first entry's record outlives it, in a dedup row of its own: still read back whole.
     let purged = store
         .purge(PurgeBefore {
@@ -894,21 +927,7 @@ async fn message_texts_are_stored_packed_and_read_back_as_they_were() {
     }
 
     // A claimed message's inbound text, and its response once completed.
-    let (inbound, response) = gateway_exchange("b18ed80e-6-3");
-    let claim = store.claim("shop", "b18ed80e-6-3", inbound.clone().into(), NOW);
-    assert_eq!(claim.await.unwrap(), Claim::New);
-    let unanswered = store.unanswered().await.unwrap();
-    assert_eq!(unanswered.len(), 1);
-    assert_eq!(unanswered[0].inbound, inbound);
-    let done = completion("shop", "b18ed80e-6-3", &response, vec![]);
-    store.complete(done).await.unwrap();
-    assert_eq!(
-        store
-            .claim("shop", "b18ed80e-6-3", "again".into(), NOW)
-            .await
-            .unwrap(),
-        Claim::Answered(response)
-    );
+    assert_claimed_then_completed_read_back(&store, |text| text.into()).await;
 }
 
 /// The gateway hands the store the messages it processes, not their texts: each is stored in
@@ -939,28 +958,9 @@ async fn messages_handed_over_as_messages_are_stored_as_their_texts() {
     // The two exchanges differ in one digit of their `msg_id`, which the record's code stands
     // for: the same bytes each.
     assert_eq!(entries[0].stored_bytes, entries[1].stored_bytes);
-    let (first, second) = (
-        gateway_exchange("b18ed80e-6-1"),
-        gateway_exchange("b18ed80e-6-2"),
-    );
-    assert_eq!(
-        store.history("shop", "c", 10).await.unwrap(),
-        [&*first.0, &first.1, &second.0, &second.1]
-    );
+    assert_both_exchanges_read_back(&store).await;
 
-    let (inbound, response) = gateway_exchange("b18ed80e-6-3");
-    let claim = store.claim("shop", "b18ed80e-6-3", message(&inbound), NOW);
-    assert_eq!(claim.await.unwrap(), Claim::New);
-    assert_eq!(store.unanswered().await.unwrap()[0].inbound, inbound);
-    let done = Completion::new("shop", "b18ed80e-6-3", message(&response), vec![]);
-    store.complete(done).await.unwrap();
-    assert_eq!(
-        store
-            .claim("shop", "b18ed80e-6-3", "again".into(), NOW)
-            .await
-            .unwrap(),
-        Claim::Answered(response)
-    );
+    assert_claimed_then_completed_read_back(&store, message).await;
 }
 
 #[tokio::test]
