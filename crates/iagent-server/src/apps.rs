@@ -229,11 +229,12 @@ impl InFlight {
     /// sender, and counted for nobody.
     fn finish(&mut self, message: &Message) -> Option<Origins> {
         let origins = self.by_msg.remove(&message.msg_id)?;
-        if let Some(count) = self.by_sender.get_mut(&message.sender_id) {
-            *count -= 1;
-            if *count == 0 {
-                self.by_sender.remove(&message.sender_id);
-            }
+        // Taken out and put back only if the sender has more in processing: nearly always the
+        // count was one, and a look-up then a removal hashed the sender twice.
+        if let Some((sender, count)) = self.by_sender.remove_entry(&message.sender_id)
+            && count > 1
+        {
+            self.by_sender.insert(sender, count - 1);
         }
         Some(origins)
     }
@@ -596,7 +597,42 @@ impl Apps {
 
 #[cfg(test)]
 mod tests {
-    use super::{Origins, Transit};
+    use iagent_protocol::{ChatType, ContentType, Message, RespCode, SenderType};
+
+    use super::{InFlight, Origins, Transit};
+
+    /// A sender's count goes down by one as each of its messages finishes, and the sender is
+    /// forgotten with its last; a message not in processing changes no count.
+    #[test]
+    fn a_sender_is_counted_down_message_by_message() {
+        let message = |msg_id: &str, sender: &str| Message {
+            chat_type: ChatType::Private,
+            msg_id: msg_id.into(),
+            ref_msg_id: None,
+            timestamp: 0,
+            group_id: None,
+            sender_type: SenderType::User,
+            sender_id: sender.into(),
+            receiver_id: None,
+            resp_code: RespCode::Ok,
+            content_type: ContentType::Text,
+            content: String::new(),
+        };
+        let mut in_flight = InFlight::default();
+        for msg_id in ["m1", "m2", "m3"] {
+            in_flight.by_msg.insert(msg_id.into(), Origins::new(1));
+        }
+        in_flight.by_sender.insert("alice".into(), 3);
+        let count = |in_flight: &InFlight| in_flight.by_sender.get("alice").copied();
+        assert!(in_flight.finish(&message("m2", "alice")).is_some());
+        assert_eq!(count(&in_flight), Some(2));
+        assert!(in_flight.finish(&message("m2", "alice")).is_none());
+        assert_eq!(count(&in_flight), Some(2));
+        assert!(in_flight.finish(&message("m1", "alice")).is_some());
+        assert_eq!(count(&in_flight), Some(1));
+        assert!(in_flight.finish(&message("m3", "alice")).is_some());
+        assert_eq!(count(&in_flight), None);
+    }
 
     /// Each open connection is named once, the one read last apart from the rest, whatever
     /// order and how often the resends come in; closed ones are let go.
