@@ -7,7 +7,8 @@
 //! bytes of its texts. A packed text is stored as a BLOB and any other as TEXT, so one column
 //! holds both, and rows written before packing read back unchanged.
 
-pub(super) use iagent_protocol::packed::{self, Unpack};
+use iagent_protocol::packed;
+pub(super) use iagent_protocol::packed::Unpack;
 use rusqlite::Row;
 use rusqlite::types::{ToSql, ToSqlOutput, Type, Value, ValueRef};
 
