@@ -18,6 +18,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use iagent_protocol::{ChatType, ContentType, Message, RespCode, SenderType};
 use iagent_store::{Claim, Completion, HistoryEntry, Options, SqliteStore, Store};
 
 /// Conversations the callers spread their messages over, as the gateway benchmark's users.
@@ -86,24 +87,41 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     })
 }
 
-/// The `n`th message of `caller`, answered, as the echo agent's completion would be: the texts
-/// as the gateway writes them (`Message::to_json`), which is the shape the store packs.
+/// The `n`th message of `caller`, answered, as the echo agent's completion is: the message and
+/// its reply handed over as messages, as the gateway hands them, which the store packs from
+/// their fields.
 fn completion(caller: u64, n: u64) -> Completion {
     let msg_id = format!("m-{caller}-{n}");
-    let user = (caller * 7919 + n) % CONVERSATIONS;
-    let message = format!(
-        r#"{{"chat_type":1,"msg_id":"{msg_id}","timestamp":1796233539832,"sender_type":1,"sender_id":"user-{user}","resp_code":0,"content_type":1,"content":"hello, agent; message {n}"}}"#
-    );
-    let response = format!(
-        r#"{{"chat_type":1,"msg_id":"r-{caller}-{n}","ref_msg_id":"{msg_id}","timestamp":1796233539840,"sender_type":2,"sender_id":"echo","receiver_id":"user-{user}","resp_code":0,"content_type":1,"content":"hello, agent; message {n}"}}"#
-    );
+    let user = format!("user-{}", (caller * 7919 + n) % CONVERSATIONS);
+    let message = Message {
+        chat_type: ChatType::Private,
+        msg_id: msg_id.clone(),
+        ref_msg_id: None,
+        timestamp: 1_796_233_539_832,
+        group_id: None,
+        sender_type: SenderType::User,
+        sender_id: user.clone(),
+        receiver_id: None,
+        resp_code: RespCode::Ok,
+        content_type: ContentType::Text,
+        content: format!("hello, agent; message {n}"),
+    };
+    let reply = Message {
+        msg_id: format!("r-{caller}-{n}"),
+        ref_msg_id: Some(msg_id.clone()),
+        timestamp: 1_796_233_539_840,
+        sender_type: SenderType::Agent,
+        sender_id: "echo".into(),
+        receiver_id: Some(user.clone()),
+        ..message.clone()
+    };
     let entry = HistoryEntry {
-        conversation: format!("p:user-{user}:echo").into(),
+        conversation: format!("p:{user}:echo").into(),
         at_ms: 0,
         message: message.into(),
         reply: None,
     };
-    Completion::replied("bench", msg_id, entry, response)
+    Completion::replied("bench", msg_id, entry, reply)
 }
 
 /// CPU seconds (user and system) the process has used so far.
