@@ -67,8 +67,10 @@ impl Name {
 /// Where a message's fields are written, one at a time in the order of its text: as JSON
 /// ([`Object`]) or packed ([`crate::packed`]), by the one [`crate::Message::write`].
 pub(crate) trait Fields {
+    /// A number field: its name, then its digits.
     fn number(&mut self, name: Name, value: impl itoa::Integer);
 
+    /// A string field: its name, then the value, quoted and escaped as JSON has it.
     fn string(&mut self, name: Name, value: &str);
 
     /// A string field, left out when it has no value (as serde's `skip_serializing_if`).
