@@ -61,7 +61,8 @@ impl<'a> RawFrame<'a> {
 /// in which `Message::to_json` writes them and backends nearly always do: at each member,
 /// [`scan`] first tries the names still to come in that order, each told by two words (every
 /// key is 9 to 16 bytes long), before it reads the name as a string and looks it up. Read
-/// and looked up, the names were a third of the scan's instructions.
+/// and looked up every time, they cost the scan of the benchmark's frame 2 255 instructions
+/// against 1 730 (callgrind).
 const KEYS: [&[u8]; 11] = [
     b"\"chat_type\":",
     b"\"msg_id\":",
