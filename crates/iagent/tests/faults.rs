@@ -1011,5 +1011,9 @@ async fn a_connection_that_never_reads_is_bounded_and_does_not_stall_its_pool() 
     assert!(!probes.is_empty(), "the other connection was probed");
     drop(stuck);
     let status = tokio::task::block_in_place(|| gateway.signal_and_wait("TERM"));
-    assert!(status.success(), "SIGTERM with a stuck peer gone: {status}");
+    assert!(
+        status.success(),
+        "SIGTERM with a stuck peer gone: {status}; the gateway's log:\n{}",
+        gateway.log.text()
+    );
 }

@@ -58,4 +58,11 @@ impl Lines {
         self.seen.extend(self.incoming.iter());
         self.seen
     }
+
+    /// Every line, once the process has exited, joined: for the message of a failed check on
+    /// how it exited, which says nothing of why without them.
+    pub fn text(&mut self) -> String {
+        self.seen.extend(self.incoming.iter());
+        self.seen.join("\n")
+    }
 }
