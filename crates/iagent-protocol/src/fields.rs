@@ -222,6 +222,13 @@ mod tests {
         assert_agrees(spaced);
     }
 
+    #[test]
+    fn a_key_is_told_by_every_one_of_its_bytes() {
+        for (key, words) in KEYS.iter().zip(&KEY_WORDS) {
+            crate::words::assert_told_by_every_byte(words, key);
+        }
+    }
+
     /// Frames [`scan`] must leave to `serde_json`: malformed ones, escapes, fractions,
     /// nesting, a known field twice.
     #[test]

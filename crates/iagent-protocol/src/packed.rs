@@ -287,6 +287,13 @@ mod tests {
     }
 
     #[test]
+    fn a_name_is_told_by_every_one_of_its_bytes() {
+        for (name, words) in NAMES.iter().zip(&NAME_WORDS) {
+            crate::words::assert_told_by_every_byte(words, name);
+        }
+    }
+
+    #[test]
     fn names_after_long_values_are_packed() {
         // Values of every length around the words `name_start` reads, with a `,` or `{` in
         // some of them, and the record's id among them.

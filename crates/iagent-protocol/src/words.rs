@@ -70,28 +70,30 @@ const fn word_at(bytes: &[u8], at: usize) -> u64 {
     ])
 }
 
+/// Checks that `literal` tells `text`, the bytes it was made of, by every one of them: it is
+/// found at the start of the text and of the text followed by more, and not once the text is
+/// cut short or any of its bytes is changed.
+#[cfg(test)]
+pub(crate) fn assert_told_by_every_byte(literal: &Literal, text: &[u8]) {
+    let followed = [text, b"1,\"x\":2}"].concat();
+    assert!(literal.starts(&followed), "{text:?}");
+    assert!(literal.starts(text), "{text:?}");
+    for cut in 0..text.len() {
+        assert!(!literal.starts(&text[..cut]), "{text:?} cut at {cut}");
+        let mut changed = followed.clone();
+        changed[cut] ^= 0x20;
+        assert!(!literal.starts(&changed), "{text:?} changed at {cut}");
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Literal;
+    use super::{Literal, assert_told_by_every_byte};
 
     #[test]
     fn a_literal_is_told_by_every_one_of_its_bytes() {
-        for text in [
-            &b"{\"chat_type\":"[..],
-            b",\"msg_id\":\"",
-            b"\"content_type\":",
-            b"123456789",
-        ] {
-            let literal = Literal::new(text);
-            let followed = [text, b"1,\"x\":2}"].concat();
-            assert!(literal.starts(&followed), "{text:?}");
-            assert!(literal.starts(text), "{text:?}");
-            for cut in 0..text.len() {
-                assert!(!literal.starts(&text[..cut]), "{text:?} cut at {cut}");
-                let mut changed = followed.clone();
-                changed[cut] ^= 0x20;
-                assert!(!literal.starts(&changed), "{text:?} changed at {cut}");
-            }
+        for text in [&b"123456789"[..], b"0123456789abcdef", b"{\"x\":\"0123"] {
+            assert_told_by_every_byte(&Literal::new(text), text);
         }
     }
 }
