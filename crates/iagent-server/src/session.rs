@@ -119,7 +119,7 @@ pub(crate) async fn run(
         let (end, unwritten) = tokio::join!(reading, session.write(sink, &mut queue));
 
         app.leave(id);
-        queue.close();
+        // The writer closed the queue as it stopped; what was in it still comes out.
         let mut leftovers: Vec<Outbound> = unwritten.into_iter().collect();
         while let Ok(item) = queue.try_recv() {
             leftovers.push(item);
@@ -422,6 +422,12 @@ impl Session {
                 self.acknowledge(&mut written).await;
             }
         };
+        // Nothing reads the queue any more: closed now, every send waiting for room in it (a
+        // response routed here, the reader's own refusal or closing frame) gets its frame
+        // back at once, to route elsewhere. Left open until the reader had ended too, a
+        // reader waiting to queue its closing frame behind a full queue waited for ever, and
+        // held the shutdown with it.
+        queue.close();
         self.gone.cancel();
         self.acknowledge(&mut written).await;
         unwritten

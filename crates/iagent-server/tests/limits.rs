@@ -231,6 +231,33 @@ async fn a_peer_that_stops_reading_is_dropped_at_the_write_timeout_and_its_respo
     gateway.stop().await;
 }
 
+/// A shutdown that begins while a peer has stopped reading: the connection's writer gives up
+/// at the write timeout, and everything waiting for room in its full queue (responses routed
+/// to it, its own closing frame) is routed elsewhere instead of waiting for ever, so the
+/// shutdown ends.
+#[tokio::test]
+async fn a_shutdown_ends_while_a_peer_has_stopped_reading() {
+    let mut config = Config::default();
+    config.timeouts.write_timeout_ms = 1_000;
+    config.timeouts.shutdown_grace_ms = 300;
+    config.limits.outbound_queue = 4;
+    let gateway = TestGateway::with_config(config).await;
+    let stalled = gateway.connect().await;
+    let (mut sink, _never_read) = stalled.ws.split();
+    // 8 MiB of echoes, more than the loopback's buffers hold: the writer's socket fills, its
+    // queue fills behind it, and the conversations wait for room in it.
+    let text = "x".repeat(16 * 1024);
+    for n in 0..512 {
+        let message = private(&format!("s{n}"), &format!("user-{n}"), &text);
+        sink.send(WsMessage::text(message.to_string()))
+            .await
+            .expect("the gateway reads");
+    }
+    // Fails if the gateway has not stopped within 30 s: it ends after the write timeout and
+    // the two grace periods, about 1.6 s.
+    gateway.stop().await;
+}
+
 #[tokio::test]
 async fn a_peer_that_keeps_reading_answers_pings_and_stays_connected() {
     let gateway = TestGateway::with_config(fast_pings()).await;
