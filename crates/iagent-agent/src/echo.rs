@@ -3,7 +3,7 @@
 
 use serde::Deserialize;
 
-use crate::{Agent, AgentError, BoxFuture, Reply, ReplyStrategy, Turn};
+use crate::{Agent, Reply, ReplyStrategy, Replying, Turn};
 
 /// The kind's name in configuration.
 pub const KIND: &str = "echo";
@@ -50,12 +50,11 @@ impl Agent for Echo {
         &self.strategy
     }
 
-    fn reply<'a>(&'a self, turn: Turn<'a>) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        let reply = Reply::Content {
+    fn reply<'a>(&'a self, turn: Turn<'a>) -> Replying<'a> {
+        Replying::Now(Ok(Reply::Content {
             content_type: turn.message.content_type,
             content: turn.message.content.clone(),
-        };
-        Box::pin(std::future::ready(Ok(reply)))
+        }))
     }
     /// The reply is computed from the message alone.
     fn repeatable(&self) -> bool {

@@ -30,7 +30,7 @@ pub mod webhook;
 
 use std::collections::HashMap;
 use std::fmt;
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -40,6 +40,41 @@ pub use strategy::{NoReply, ReplyStrategy};
 
 /// A boxed future, so that [`Agent`] stays object safe.
 pub type BoxFuture<'a, T> = Pin<Box<dyn Future<Output = T> + Send + 'a>>;
+
+/// An agent's answer to one message: made at once, or still being made.
+///
+/// Most answers are made from the message alone (the built-in `echo` and `rules` kinds), and
+/// a future for each, boxed to keep [`Agent`] object safe, was an allocation a message on the
+/// gateway's busiest path; an answer made at once is handed over as it is. Awaiting a
+/// `Replying` ([`IntoFuture`]) gives the answer either way, for callers that need no more.
+pub enum Replying<'a> {
+    /// The answer, made at once: nothing to wait for, so no deadline either.
+    Now(Result<Reply, AgentError>),
+    /// The answer to come (a call to a service): the gateway waits for it under the agent's
+    /// deadline.
+    Later(BoxFuture<'a, Result<Reply, AgentError>>),
+}
+
+impl<'a> IntoFuture for Replying<'a> {
+    type Output = Result<Reply, AgentError>;
+    type IntoFuture = BoxFuture<'a, Self::Output>;
+
+    fn into_future(self) -> Self::IntoFuture {
+        match self {
+            Self::Now(answer) => Box::pin(std::future::ready(answer)),
+            Self::Later(answer) => answer,
+        }
+    }
+}
+
+impl fmt::Debug for Replying<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Now(answer) => f.debug_tuple("Now").field(answer).finish(),
+            Self::Later(_) => f.write_str("Later(..)"),
+        }
+    }
+}
 
 /// What an agent is asked: the message and the conversation so far.
 #[derive(Clone, Copy)]
@@ -181,7 +216,7 @@ pub trait Agent: Send + Sync + 'static {
     /// When it replies.
     fn strategy(&self) -> &ReplyStrategy;
     /// Answers one message. Called only when the strategy said yes.
-    fn reply<'a>(&'a self, turn: Turn<'a>) -> BoxFuture<'a, Result<Reply, AgentError>>;
+    fn reply<'a>(&'a self, turn: Turn<'a>) -> Replying<'a>;
     /// How many earlier messages of the conversation the agent wants in [`Turn::history`]. The
     /// gateway reads them from the store only for agents that want some (at most
     /// [`MAX_HISTORY`]), so agents that answer from the message alone cost no read.

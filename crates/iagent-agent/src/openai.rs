@@ -31,7 +31,7 @@ use iagent_protocol::{ChatType, ContentType, Message, SenderType};
 use serde::{Deserialize, Serialize};
 
 use crate::http::{self, HttpClient, HttpError, Response, RetryPolicy, Timing};
-use crate::{Agent, AgentError, BoxFuture, Environment, MAX_HISTORY, Reply, ReplyStrategy, Turn};
+use crate::{Agent, AgentError, Environment, MAX_HISTORY, Reply, ReplyStrategy, Replying, Turn};
 
 /// The kind's name in configuration.
 pub const KIND: &str = "openai";
@@ -486,8 +486,8 @@ impl Agent for OpenAi {
         &self.strategy
     }
 
-    fn reply<'a>(&'a self, turn: Turn<'a>) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        Box::pin(self.call(turn))
+    fn reply<'a>(&'a self, turn: Turn<'a>) -> Replying<'a> {
+        Replying::Later(Box::pin(self.call(turn)))
     }
 
     fn history_len(&self) -> usize {
@@ -782,7 +782,7 @@ mod tests {
         fn read<'a>(
             &'a self,
             file_id: &'a str,
-        ) -> BoxFuture<'a, Result<Option<crate::File>, String>> {
+        ) -> crate::BoxFuture<'a, Result<Option<crate::File>, String>> {
             let found =
                 self.0
                     .iter()

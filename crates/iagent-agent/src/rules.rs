@@ -24,7 +24,7 @@ use iagent_protocol::{ContentType, Message};
 use regex::{Captures, Regex, RegexBuilder};
 use serde::Deserialize;
 
-use crate::{Agent, AgentError, BoxFuture, Reply, ReplyStrategy, Turn};
+use crate::{Agent, Reply, ReplyStrategy, Replying, Turn};
 
 /// The kind's name in configuration.
 pub const KIND: &str = "rules";
@@ -350,8 +350,8 @@ impl Agent for Rules {
         &self.strategy
     }
 
-    fn reply<'a>(&'a self, turn: Turn<'a>) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        Box::pin(std::future::ready(Ok(self.answer(turn.message))))
+    fn reply<'a>(&'a self, turn: Turn<'a>) -> Replying<'a> {
+        Replying::Now(Ok(self.answer(turn.message)))
     }
     /// The reply is computed from the message alone.
     fn repeatable(&self) -> bool {

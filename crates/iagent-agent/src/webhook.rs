@@ -37,7 +37,7 @@ use serde::{Deserialize, Serialize};
 use sha2::Sha256;
 
 use crate::http::{self, HttpClient, HttpError, Response, RetryPolicy, Timing};
-use crate::{Agent, AgentError, BoxFuture, Environment, MAX_HISTORY, Reply, ReplyStrategy, Turn};
+use crate::{Agent, AgentError, Environment, MAX_HISTORY, Reply, ReplyStrategy, Replying, Turn};
 
 /// The kind's name in configuration.
 pub const KIND: &str = "webhook";
@@ -347,8 +347,8 @@ impl Agent for Webhook {
         &self.strategy
     }
 
-    fn reply<'a>(&'a self, turn: Turn<'a>) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        Box::pin(self.call(turn))
+    fn reply<'a>(&'a self, turn: Turn<'a>) -> Replying<'a> {
+        Replying::Later(Box::pin(self.call(turn)))
     }
 
     fn history_len(&self) -> usize {

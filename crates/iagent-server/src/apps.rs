@@ -218,7 +218,7 @@ impl Origins {
 /// neither.
 #[derive(Debug, Default)]
 struct InFlight {
-    by_msg: IdMap<String, Origins>,
+    by_msg: IdMap<Arc<str>, Origins>,
     by_sender: IdMap<String, usize>,
     deferred: IdMap<String, Deferred>,
 }
@@ -228,7 +228,7 @@ impl InFlight {
     /// for: a message whose `msg_id` is in processing already is a duplicate, whatever its
     /// sender, and counted for nobody.
     fn finish(&mut self, message: &Message) -> Option<Origins> {
-        let origins = self.by_msg.remove(&message.msg_id)?;
+        let origins = self.by_msg.remove(message.msg_id.as_str())?;
         // Taken out and put back only if the sender has more in processing: nearly always the
         // count was one, and a look-up then a removal hashed the sender twice.
         if let Some((sender, count)) = self.by_sender.remove_entry(&message.sender_id)
@@ -433,9 +433,10 @@ impl AppState {
             // The pool's lock is never held while this one is taken.
             let open = |id| self.member(id).is_some();
             let full = by_msg.len() >= limits.per_app;
-            // Each map is looked up once, by entry: the keys are copied for the message in
-            // flight anyway, and a look-up then an insert hashed each twice.
-            let place = match by_msg.entry(job.message.msg_id.clone()) {
+            // Each map is looked up once, by entry: the keys are kept for the message in flight
+            // anyway (the `msg_id` is shared with its job), and a look-up then an insert hashed
+            // each twice.
+            let place = match by_msg.entry(Arc::clone(&job.msg_id)) {
                 Entry::Occupied(mut origins) => {
                     origins.get_mut().resent_on(origin, open);
                     return Begin::Duplicate;

@@ -9,10 +9,9 @@
 //! and answered in one write: one store job per message instead of two.
 
 use std::sync::Arc;
-use std::task::Poll;
 use std::time::Instant;
 
-use iagent_agent::{Agent, AgentError, BoxFuture, MAX_HISTORY, NoReply, Reply, Turn};
+use iagent_agent::{Agent, AgentError, BoxFuture, MAX_HISTORY, NoReply, Reply, Replying, Turn};
 use iagent_protocol::{ChatType, Message, RespCode};
 use iagent_store::{Claim, Completion, HistoryEntry, MessageText};
 use tokio::sync::OwnedSemaphorePermit;
@@ -92,6 +91,9 @@ fn shared_concat(parts: &[&str]) -> Arc<str> {
 /// A valid message waiting for its conversation's worker.
 pub(crate) struct Job {
     pub(crate) message: Message,
+    /// The message's `msg_id`, made once and shared: the key of its place in flight and of its
+    /// record in the store.
+    pub(crate) msg_id: Arc<str>,
     pub(crate) agent: Arc<dyn Agent>,
     pub(crate) conversation: ConversationKey,
     /// When its frame arrived: the start of the processing-latency measurement.
@@ -144,6 +146,7 @@ fn process(
 ) -> impl Future<Output = ()> + Send + 'static {
     let Job {
         message,
+        msg_id,
         agent,
         conversation,
         received,
@@ -159,6 +162,7 @@ fn process(
             agent: agent.as_ref(),
             conversation: &conversation,
             message: &message,
+            msg_id: &msg_id,
         };
         let frame = if agent.repeatable() {
             turn.answer_then_record().await
@@ -191,6 +195,8 @@ struct Processing<'a> {
     conversation: &'a ConversationKey,
     /// Stored for recovery while unanswered, and in the history.
     message: &'a Arc<Message>,
+    /// Its `msg_id`, shared with its place in flight.
+    msg_id: &'a Arc<str>,
 }
 
 impl Processing<'_> {
@@ -227,7 +233,13 @@ impl Processing<'_> {
     fn record(self, response: Message) -> impl Future<Output = Option<Outcome>> {
         let text = response.to_json();
         let (code, made_ms) = (response.resp_code, response.timestamp);
-        let completion = completion(&self.app.name, self.conversation, self.message, response);
+        let completion = completion(
+            &self.app.name,
+            self.conversation,
+            self.message,
+            Arc::clone(self.msg_id),
+            response,
+        );
         // Stored as received when its response was made, the moment its history entry
         // carries: a clock read fewer a message.
         let stored = self.gateway.store.record(completion, made_ms);
@@ -363,7 +375,8 @@ pub(crate) async fn complete(
 ) -> String {
     let frame = response.to_json();
     let code = response.resp_code;
-    let completion = completion(&app.name, conversation, message, response);
+    let msg_id = Arc::from(message.msg_id.as_str());
+    let completion = completion(&app.name, conversation, message, msg_id, response);
     if let Err(err) = gateway.store.complete(completion).await {
         // The response still goes out; only a resend of this msg_id would be processed again
         // (and after a restart, answered with 50).
@@ -380,6 +393,7 @@ fn completion(
     app: &Arc<str>,
     conversation: &ConversationKey,
     message: &Arc<Message>,
+    msg_id: Arc<str>,
     response: Message,
 ) -> Completion {
     let entry = HistoryEntry {
@@ -389,7 +403,7 @@ fn completion(
         message: MessageText::Message(Arc::clone(message)),
         reply: None,
     };
-    let (app, msg_id) = (Arc::clone(app), Arc::<str>::from(message.msg_id.as_str()));
+    let app = Arc::clone(app);
     if response.resp_code == RespCode::Ok {
         Completion::replied(app, msg_id, entry, response)
     } else {
@@ -497,17 +511,15 @@ async fn answer(
         history,
         files: &files,
     };
-    // The agent first, polled once: one that answers at once (the built-in ones do) is
-    // neither given a deadline, which reads the clock, nor raced against the shutdown, whose
-    // future would join its token's waiters and leave again.
-    let mut reply = agent.reply(turn);
-    let first = std::future::poll_fn(|cx| Poll::Ready(reply.as_mut().poll(cx))).await;
-    let outcome = match first {
-        Poll::Ready(outcome) => outcome,
+    // An answer made at once (the built-in kinds' are) is neither given a deadline, which
+    // reads the clock, nor raced against the shutdown, whose future would join its token's
+    // waiters and leave again.
+    let outcome = match agent.reply(turn) {
+        Replying::Now(outcome) => outcome,
         // Boxed: the deadline's timer and the shutdown's waiter would make every message's
         // task larger (see [`run`]), and an agent that keeps its caller waiting takes far
         // longer than an allocation.
-        Poll::Pending => Box::pin(wait_for_reply(gateway, agent, reply)).await,
+        Replying::Later(reply) => Box::pin(wait_for_reply(gateway, agent, reply)).await,
     };
     match outcome {
         Ok(Reply::Content {
@@ -671,7 +683,7 @@ mod tests {
         let key = ConversationKey::of(&sent, "echo");
         let app = Arc::from("shop");
         let sent = Arc::new(sent);
-        let done = completion(&app, &key, &sent, reply.clone());
+        let done = completion(&app, &key, &sent, "m1".into(), reply.clone());
         assert_eq!(done.history().len(), 1);
         assert_eq!(done.history()[0].at_ms, reply.timestamp);
         assert_eq!(done.history()[0].conversation, key.shared());
@@ -690,7 +702,7 @@ mod tests {
             resp_code: RespCode::NoReply,
             ..reply
         };
-        let done = completion(&app, &key, &sent, declined.clone());
+        let done = completion(&app, &key, &sent, "m1".into(), declined.clone());
         assert!(done.reply_entry().is_none());
         assert_eq!(done.history()[0].reply, None);
         assert_eq!(done.response(), &MessageText::from(declined));

@@ -288,6 +288,7 @@ impl Session {
         let limits = &gateway.config.limits;
         let conversation = ConversationKey::of(&message, agent.id());
         let job = Job {
+            msg_id: Arc::from(message.msg_id.as_str()),
             message,
             agent,
             conversation,

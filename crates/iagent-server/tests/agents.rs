@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{TestGateway, assert_response, group, private};
-use iagent_agent::{Agent, AgentError, BoxFuture, Reply, ReplyStrategy, Turn};
+use iagent_agent::{Agent, AgentError, Reply, ReplyStrategy, Replying, Turn};
 use iagent_server::{Config, Kinds};
 use iagent_store::AgentRecord;
 use serde_json::json;
@@ -37,14 +37,18 @@ impl Agent for Misbehaving {
         &self.strategy
     }
 
-    fn reply<'a>(&'a self, _turn: Turn<'a>) -> BoxFuture<'a, Result<Reply, AgentError>> {
+    /// A hang and a failure come as answers to wait for, as a service's would; a refusal is
+    /// made at once.
+    fn reply<'a>(&'a self, _turn: Turn<'a>) -> Replying<'a> {
         match self.behaviour {
-            Behaviour::Hang => Box::pin(std::future::pending()),
-            Behaviour::Fail => Box::pin(std::future::ready(Err(AgentError::Failed {
-                agent: self.id.clone(),
-                cause: "the model exploded".into(),
-            }))),
-            Behaviour::Decline => Box::pin(std::future::ready(Ok(Reply::Declined("busy".into())))),
+            Behaviour::Hang => Replying::Later(Box::pin(std::future::pending())),
+            Behaviour::Fail => {
+                Replying::Later(Box::pin(std::future::ready(Err(AgentError::Failed {
+                    agent: self.id.clone(),
+                    cause: "the model exploded".into(),
+                }))))
+            }
+            Behaviour::Decline => Replying::Now(Ok(Reply::Declined("busy".into()))),
         }
     }
 }
@@ -247,7 +251,7 @@ impl Agent for Recaller {
         3
     }
 
-    fn reply<'a>(&'a self, turn: Turn<'a>) -> BoxFuture<'a, Result<Reply, AgentError>> {
+    fn reply<'a>(&'a self, turn: Turn<'a>) -> Replying<'a> {
         let seen: Vec<String> = turn
             .history
             .iter()
@@ -257,10 +261,10 @@ impl Agent for Recaller {
             })
             .collect();
         let content = format!("h:{}", seen.join(","));
-        Box::pin(std::future::ready(Ok(Reply::Content {
+        Replying::Now(Ok(Reply::Content {
             content_type: iagent_protocol::ContentType::Text,
             content,
-        })))
+        }))
     }
 }
 

@@ -9,7 +9,7 @@ mod common;
 use std::sync::Arc;
 
 use common::{TestGateway, assert_response, private};
-use iagent_agent::{Agent, AgentError, BoxFuture, Reply, ReplyStrategy, Turn};
+use iagent_agent::{Agent, Reply, ReplyStrategy, Replying, Turn};
 use iagent_server::{Config, Kinds};
 use iagent_store::AgentRecord;
 use serde_json::{Value, json};
@@ -29,8 +29,8 @@ impl Agent for Later {
         &self.strategy
     }
 
-    fn reply<'a>(&'a self, _turn: Turn<'a>) -> BoxFuture<'a, Result<Reply, AgentError>> {
-        Box::pin(std::future::ready(Ok(Reply::Deferred)))
+    fn reply<'a>(&'a self, _turn: Turn<'a>) -> Replying<'a> {
+        Replying::Now(Ok(Reply::Deferred))
     }
 }
 
