@@ -29,6 +29,9 @@ pub(crate) struct RawFrame<'a> {
     pub(crate) resp_code: Option<&'a str>,
     pub(crate) content_type: Option<&'a str>,
     pub(crate) content: Option<&'a str>,
+    /// Whether a string token may hold escapes: not in a frame [`scan`] read, which takes a
+    /// string only without any, so that its text is what lies between its quotes.
+    pub(crate) escapes: bool,
 }
 
 impl<'a> RawFrame<'a> {
