@@ -13,6 +13,7 @@ use iagent_agent::{Agent, Kinds};
 use iagent_protocol::{ChatType, ContentType, Message, Violation};
 use iagent_store::{AgentRecord, App};
 use tokio::sync::mpsc;
+use tokio::sync::mpsc::error::TrySendError;
 
 use crate::conversation::{ConversationKey, Job};
 use crate::rate::RateLimit;
@@ -396,6 +397,22 @@ impl AppState {
     /// Whether a connection that takes the pool's traffic is open.
     pub(crate) fn has_shared_connections(&self) -> bool {
         lock(&self.pool).iter().any(|member| member.shared)
+    }
+
+    /// Queues `item` on connection `id` if it is open and its queue has room, without
+    /// waiting; hands it back otherwise, `Full` or `Closed` (a connection no longer in the
+    /// pool is closed). Nearly every response goes out this way, and a member copied out of
+    /// the pool to wait on its queue costs its sender's clone and drop, two atomic updates
+    /// each.
+    pub(crate) fn try_send_to(
+        &self,
+        id: ConnId,
+        item: Outbound,
+    ) -> Result<(), TrySendError<Outbound>> {
+        match lock(&self.pool).iter().find(|member| member.id == id) {
+            Some(member) => member.frames.try_send(item),
+            None => Err(TrySendError::Closed(item)),
+        }
     }
 
     /// The connection with this id, if still in the pool.

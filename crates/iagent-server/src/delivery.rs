@@ -22,13 +22,21 @@ pub(crate) async fn deliver(
     origin: Option<ConnId>,
 ) {
     let mut item = Outbound::Response(frame);
-    if let Some(member) = origin.and_then(|id| app.member(id)) {
-        // Waiting here when the origin's queue is full is the back-pressure: this connection's
-        // reader is held by the permits of the messages waiting to be answered.
-        match member.frames.send(item).await {
+    if let Some(id) = origin {
+        item = match app.try_send_to(id, item) {
             Ok(()) => return,
-            Err(SendError(back)) => item = back,
-        }
+            // Waiting here when the origin's queue is full is the back-pressure: this
+            // connection's reader is held by the permits of the messages waiting to be
+            // answered.
+            Err(TrySendError::Full(back)) => match app.member(id) {
+                Some(member) => match member.frames.send(back).await {
+                    Ok(()) => return,
+                    Err(SendError(back)) => back,
+                },
+                None => back,
+            },
+            Err(TrySendError::Closed(back)) => back,
+        };
     }
     if origin.is_some() {
         app.counters.rerouted.fetch_add(1, Ordering::Relaxed);
