@@ -35,7 +35,7 @@ pub(crate) struct PoolMember {
 /// The agents of an app, and which one answers by default.
 pub(crate) struct AgentSet {
     default: String,
-    agents: HashMap<String, Arc<dyn Agent>>,
+    agents: IdMap<String, Arc<dyn Agent>>,
 }
 
 impl AgentSet {
@@ -172,7 +172,8 @@ impl OutboxState {
 
 /// A map keyed by ids that come with every message. Each message costs several look-ups in
 /// these maps, and SipHash on its short keys was most of their cost; foldhash is a fraction
-/// of it, seeded at random per process, and every map is bounded by an in-flight limit.
+/// of it, seeded at random per process, and every map is bounded: by an in-flight limit, or
+/// by the app's agents.
 type IdMap<K, V> = HashMap<K, V, foldhash::fast::RandomState>;
 
 /// The connections a message came in on while it was processed: where its response goes.
