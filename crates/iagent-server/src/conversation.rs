@@ -355,6 +355,7 @@ impl Processing<'_> {
             self.app,
             self.conversation,
             self.message,
+            Arc::clone(self.msg_id),
             response,
         )
         .await;
@@ -366,16 +367,17 @@ impl Processing<'_> {
 }
 
 /// Stores a message's response with the history it adds, counts it, and returns its frame.
+/// `msg_id` is the message's, shared (see [`Job::msg_id`]).
 pub(crate) async fn complete(
     gateway: &Gateway,
     app: &AppState,
     conversation: &ConversationKey,
     message: &Arc<Message>,
+    msg_id: Arc<str>,
     response: Message,
 ) -> String {
     let frame = response.to_json();
     let code = response.resp_code;
-    let msg_id = Arc::from(message.msg_id.as_str());
     let completion = completion(&app.name, conversation, message, msg_id, response);
     if let Err(err) = gateway.store.complete(completion).await {
         // The response still goes out; only a resend of this msg_id would be processed again
@@ -462,8 +464,9 @@ pub(crate) async fn answer_deferred(
     response: Message,
 ) {
     let conversation = ConversationKey::of(&deferred.message, &deferred.agent);
+    let msg_id = Arc::from(deferred.message.msg_id.as_str());
     let message = Arc::new(deferred.message);
-    let frame = complete(gateway, app, &conversation, &message, response).await;
+    let frame = complete(gateway, app, &conversation, &message, msg_id, response).await;
     delivery::deliver_answer(gateway, app, frame.into(), deferred.origins).await;
 }
 
@@ -605,7 +608,9 @@ pub(crate) async fn recover_unanswered(
         let response =
             message.text_response(gateway.ids.next(), &agent_id, RespCode::Failed, cause);
         let conversation = ConversationKey::of(&message, &agent_id);
-        let frame = complete(gateway, &app, &conversation, &Arc::new(message), response).await;
+        let msg_id = Arc::from(message.msg_id.as_str());
+        let message = Arc::new(message);
+        let frame = complete(gateway, &app, &conversation, &message, msg_id, response).await;
         // No connection is open yet: this lands in the outbox.
         delivery::deliver(gateway, &app, frame.into(), None).await;
     }

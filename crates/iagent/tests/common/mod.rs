@@ -55,14 +55,19 @@ impl Lines {
 
     /// Every line, once the process has exited.
     pub fn all(mut self) -> Vec<String> {
-        self.seen.extend(self.incoming.iter());
+        self.read_rest();
         self.seen
     }
 
     /// Every line, once the process has exited, joined: for the message of a failed check on
     /// how it exited, which says nothing of why without them.
     pub fn text(&mut self) -> String {
+        self.read_rest().join("\n")
+    }
+
+    /// Reads the lines left until the process's output ends; returns every line.
+    fn read_rest(&mut self) -> &[String] {
         self.seen.extend(self.incoming.iter());
-        self.seen.join("\n")
+        &self.seen
     }
 }
