@@ -31,7 +31,7 @@ use rusqlite::{Connection, OptionalExtension, params};
 
 pub use dedup::DEFAULT_DEDUP_MERGE_ROWS;
 pub use directory_lock::LOCK_FILE;
-pub use entry_log::{DEFAULT_ENTRY_LOG_KIB, ENTRY_LOG_FILE};
+pub use entry_log::{DEFAULT_ENTRY_LOG_KIB, ENTRY_LOG_FILES};
 pub use history::{DEFAULT_HISTORY_MERGE_ROWS, HISTORY_MERGE_SLICE_ROWS};
 pub use key_filter::DEFAULT_DEDUP_FILTER_MIB;
 pub use purge::DEFAULT_PURGE_SLICE_ROWS;
@@ -217,12 +217,18 @@ impl SqliteStore {
         let filter = key_filter::KeyFilter::new(&path, filter_mib);
         let dedup = dedup::DedupKeys::load(&conn, options.dedup_merge_rows, filter)?;
         let mut database = Database::new(conn, history, dedup);
+        // The writer thread writes the entries of the log's file that fills on a connection
+        // of its own, while batches go on into the other on the serving one.
+        let mut log_conn = None;
         if let Some(log) = log {
             let log = log.emptied().map_err(|source| StoreError::DataDir {
-                path: data_dir.join(ENTRY_LOG_FILE),
+                path: data_dir.to_owned(),
                 source,
             })?;
             if options.entry_log_kib > 0 {
+                let conn = Connection::open(&path)?;
+                configure(&conn, &options)?;
+                log_conn = Some(conn);
                 database.log_to(log, options.entry_log_kib.saturating_mul(1024));
             }
         }
@@ -235,7 +241,7 @@ impl SqliteStore {
         let writer = thread::Builder::new()
             .name("iagent-store".into())
             .spawn(move || {
-                write_loop(&shared, &work);
+                write_loop(&shared, &work, log_conn.as_ref());
                 drop(shared);
                 drop(stop_checkpoints);
                 // Only now: the last commit is made.

@@ -552,7 +552,7 @@ async fn an_echo_is_answered_from_the_entry_log_while_another_connection_holds_t
         1,
         "written on close"
     );
-    let log = std::fs::metadata(dir.path().join(iagent_store::ENTRY_LOG_FILE)).unwrap();
+    let log = std::fs::metadata(dir.path().join(iagent_store::ENTRY_LOG_FILES[0])).unwrap();
     assert_eq!(log.len(), 0, "emptied on close");
 }
 
@@ -646,7 +646,7 @@ async fn a_frame_cut_short_by_a_kill_is_dropped_and_the_frames_before_it_kept() 
     drop(store);
     // The last frame as a kill in the middle of its write leaves it: its header and part of
     // its entries.
-    let log = killed.path().join(iagent_store::ENTRY_LOG_FILE);
+    let log = killed.path().join(iagent_store::ENTRY_LOG_FILES[0]);
     let whole = std::fs::metadata(&log).unwrap().len();
     let mut bytes = std::fs::read(&log).unwrap();
     bytes.extend_from_slice(&[
@@ -670,7 +670,7 @@ async fn a_frame_cut_short_by_a_kill_is_dropped_and_the_frames_before_it_kept() 
 async fn entries_the_log_still_holds_after_their_transaction_are_not_written_twice() {
     let (dir, store) = fresh();
     let msg_ids = echo_all(&store, 5).await;
-    let log = dir.path().join(iagent_store::ENTRY_LOG_FILE);
+    let log = dir.path().join(iagent_store::ENTRY_LOG_FILES[0]);
     let frames = std::fs::read(&log).unwrap();
     assert!(!frames.is_empty(), "the echoes are in the log");
     write_entry_log(&store).await;
@@ -679,7 +679,11 @@ async fn entries_the_log_still_holds_after_their_transaction_are_not_written_twi
     // emptied: the log holds them still.
     let killed = tempfile::tempdir().unwrap();
     as_if_killed(dir.path(), killed.path());
-    std::fs::write(killed.path().join(iagent_store::ENTRY_LOG_FILE), &frames).unwrap();
+    std::fs::write(
+        killed.path().join(iagent_store::ENTRY_LOG_FILES[0]),
+        &frames,
+    )
+    .unwrap();
     drop(store);
 
     let store = open(killed.path());
@@ -697,40 +701,147 @@ fn with_a_small_log(dir: &Path) -> SqliteStore {
     SqliteStore::open(dir, options).expect("open the store")
 }
 
-#[tokio::test]
-async fn a_full_entry_log_is_written_into_the_database_before_the_next_echo_goes_to_it() {
-    let dir = tempfile::tempdir().unwrap();
-    let store = with_a_small_log(dir.path());
-    let msg_ids = echo_all(&store, 45).await;
-    // No transaction ran: only the log's filling wrote the first echoes into the database.
-    assert_eq!(copies_stored(dir.path(), "response to m0"), 1);
-    let log = std::fs::metadata(dir.path().join(iagent_store::ENTRY_LOG_FILE)).unwrap();
-    assert!(log.len() < 2048, "the log grew to {} bytes", log.len());
-    assert_echoes_kept(&store, &msg_ids).await;
-    write_entry_log(&store).await;
-    assert_eq!(copies_stored(dir.path(), "response to m44"), 1);
+/// The length of each of the entry log's files in `dir`.
+fn log_lens(dir: &Path) -> [u64; 2] {
+    iagent_store::ENTRY_LOG_FILES.map(|name| std::fs::metadata(dir.join(name)).unwrap().len())
+}
+
+/// Waits, up to five seconds, until `done` holds.
+async fn until(what: &str, mut done: impl FnMut() -> bool) {
+    for _ in 0..500 {
+        if done() {
+            return;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    panic!("{what} did not happen within five seconds");
+}
+
+/// Echoes `m{from}` to `m{to - 1}` one after the other, counting in `answered` those that were
+/// answered, each as new.
+fn echo_counted(
+    store: &Arc<SqliteStore>,
+    range: std::ops::Range<usize>,
+    answered: &Arc<std::sync::atomic::AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    let (store, answered) = (store.clone(), answered.clone());
+    tokio::spawn(async move {
+        for n in range {
+            let claim = store
+                .record(echoed(&format!("m{n}"), NOW), NOW)
+                .await
+                .unwrap();
+            assert_eq!(claim, Claim::New, "m{n}");
+            answered.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        }
+    })
 }
 
 #[tokio::test]
-async fn echoes_after_a_full_log_wait_for_its_write_while_the_database_is_locked() {
+async fn a_full_file_of_the_entry_log_is_written_into_the_database_while_echoes_go_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = with_a_small_log(dir.path());
+    let msg_ids = echo_all(&store, 45).await;
+    // No transaction ran: only the log's files filling wrote the first echoes into the
+    // database, on the writer thread.
+    until("the first echo written", || {
+        copies_stored(dir.path(), "response to m0") == 1
+    })
+    .await;
+    for len in log_lens(dir.path()) {
+        assert!(len < 2048, "a file of the log grew to {len} bytes");
+    }
+    assert_echoes_kept(&store, &msg_ids).await;
+    write_entry_log(&store).await;
+    assert_eq!(copies_stored(dir.path(), "response to m44"), 1);
+    assert_eq!(log_lens(dir.path()), [0, 0], "emptied");
+}
+
+/// While the writer thread waits to write a full file of the log into the database (here for
+/// another connection's lock; in a gateway, for the length of that write), echoes go on into
+/// the other file, and wait only once that one is full too.
+#[tokio::test]
+async fn echoes_go_on_into_the_other_file_while_a_full_one_waits_for_the_database() {
     let dir = tempfile::tempdir().unwrap();
     let store = Arc::new(with_a_small_log(dir.path()));
     let other = rusqlite::Connection::open(store.path()).unwrap();
     other.execute_batch("BEGIN IMMEDIATE").unwrap();
-    let echoes = tokio::spawn({
-        let store = store.clone();
-        async move { echo_all(&store, 45).await }
-    });
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let echoes = echo_counted(&store, 0..45, &answered);
+    until("echoes in the second file", || log_lens(dir.path())[1] > 0).await;
     tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     assert!(
         !echoes.is_finished(),
-        "echoes went on past a full log that could not be written"
+        "echoes went on past both files of the log full"
     );
-    assert_eq!(copies_stored(dir.path(), "response to m0"), 0);
+    let [first, second] = log_lens(dir.path());
+    assert!(
+        first >= 1024 && second >= 1024,
+        "{first} and {second} bytes"
+    );
+    assert_eq!(
+        copies_stored(dir.path(), "response to m0"),
+        0,
+        "not written"
+    );
     other.execute_batch("COMMIT").unwrap();
-    let msg_ids = echoes.await.unwrap();
-    assert_eq!(copies_stored(dir.path(), "response to m0"), 1);
+    echoes.await.unwrap();
+    let msg_ids: Vec<String> = (0..45).map(|n| format!("m{n}")).collect();
     assert_echoes_kept(&store, &msg_ids).await;
+}
+
+/// A process killed with both files of the log holding entries (one full, its write into the
+/// database not committed, the other taking echoes) loses none of them: they are read back
+/// oldest first, whichever file holds the older ones, and each is written once.
+#[tokio::test]
+async fn echoes_in_both_files_of_the_entry_log_survive_a_kill() {
+    let dir = tempfile::tempdir().unwrap();
+    let store = Arc::new(with_a_small_log(dir.path()));
+    let answered = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    // Until the second file takes echoes and the first is emptied, its entries written: the
+    // older entries will be in the second file.
+    let mut next = 0;
+    while log_lens(dir.path())[1] == 0 {
+        echo_counted(&store, next..next + 1, &answered)
+            .await
+            .unwrap();
+        next += 1;
+    }
+    until("the first file emptied", || log_lens(dir.path())[0] == 0).await;
+    let other = rusqlite::Connection::open(store.path()).unwrap();
+    other.execute_batch("BEGIN IMMEDIATE").unwrap();
+    let echoes = echo_counted(&store, next..next + 45, &answered);
+    until("echoes in the first file again", || {
+        log_lens(dir.path())[0] > 0
+    })
+    .await;
+    tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    assert!(!echoes.is_finished(), "both files are full");
+    let killed = tempfile::tempdir().unwrap();
+    as_if_killed(dir.path(), killed.path());
+    let survived = answered.load(std::sync::atomic::Ordering::SeqCst);
+    other.execute_batch("COMMIT").unwrap();
+    echoes.await.unwrap();
+    drop(store);
+
+    let store = open(killed.path());
+    let msg_ids: Vec<String> = (0..survived).map(|n| format!("m{n}")).collect();
+    assert_echoes_kept(&store, &msg_ids).await;
+    assert_eq!(
+        store
+            .record(echoed(&format!("m{survived}"), NOW), NOW)
+            .await
+            .unwrap(),
+        Claim::New,
+        "not answered before the kill"
+    );
+    write_entry_log(&store).await;
+    for msg_id in &msg_ids {
+        assert_eq!(
+            copies_stored(killed.path(), &format!("response to {msg_id}")),
+            1
+        );
+    }
 }
 
 #[tokio::test]

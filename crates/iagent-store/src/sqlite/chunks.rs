@@ -210,6 +210,11 @@ impl Pending {
         self.marks.is_empty()
     }
 
+    /// The id of the oldest entry gathered.
+    pub(super) fn first_id(&self) -> Option<i64> {
+        self.marks.first().map(|mark| mark.id)
+    }
+
     /// The id of the newest entry gathered.
     pub(super) fn last_id(&self) -> Option<i64> {
         self.marks.last().map(|mark| mark.id)
@@ -227,6 +232,17 @@ impl Pending {
             .get(kept)
             .map_or(self.body.len(), |mark| mark.start);
         &self.body[start..]
+    }
+
+    /// Adds the entries of `newer`, whose ids are all above those gathered here.
+    pub(super) fn extend(&mut self, newer: Pending) {
+        debug_assert!(self.last_id() < newer.first_id() || newer.is_empty());
+        let offset = self.body.len();
+        self.body.extend_from_slice(&newer.body);
+        self.marks.extend(newer.marks.into_iter().map(|mark| Mark {
+            start: mark.start + offset,
+            ..mark
+        }));
     }
 
     /// Drops the entries gathered after the first `kept`.
@@ -271,6 +287,15 @@ impl Pending {
     /// Writes the entries gathered, as chunks, and keeps them: for a transaction that may
     /// yet fail to commit.
     pub(super) fn write_kept(&mut self, conn: &Connection) -> Result<()> {
+        let mut chunk = std::mem::take(&mut self.chunk);
+        let written = self.write_chunks(conn, &mut chunk);
+        self.chunk = chunk;
+        written
+    }
+
+    /// Writes the entries gathered, as chunks, each laid out in `chunk` first: entries frozen
+    /// for the writer thread are shared with the readers meanwhile, and are not changed.
+    pub(super) fn write_chunks(&self, conn: &Connection, chunk: &mut Vec<u8>) -> Result<()> {
         let mut insert = conn.prepare_cached(
             "INSERT INTO history_chunks (last, first, entries, newest_ms, body)
              VALUES (?1, ?2, ?3, ?4, ?5)",
@@ -293,15 +318,15 @@ impl Pending {
                 .marks
                 .get(end)
                 .map_or(self.body.len(), |mark| mark.start);
-            self.chunk.clear();
-            self.chunk.push(FORMAT);
-            self.chunk.extend_from_slice(&self.body[start..stop]);
+            chunk.clear();
+            chunk.push(FORMAT);
+            chunk.extend_from_slice(&self.body[start..stop]);
             insert.execute(params![
                 self.marks[end - 1].id,
                 self.marks[first].id,
                 (end - first) as i64,
                 newest_ms,
-                self.chunk
+                chunk.as_slice()
             ])?;
             first = end;
         }

@@ -185,6 +185,12 @@ impl Committer {
             }
             return;
         }
+        // The writer thread is writing the entries of the log's file that filled, and writes
+        // them first in a transaction of its own; the jobs wait for that with it.
+        if database.applying() {
+            drop(database);
+            return self.hand_over(jobs);
+        }
         if writer::begin(&mut database).is_err() {
             // Locked by another connection, most likely; the writer thread will wait for it,
             // and report anything else.

@@ -13,6 +13,15 @@
 //! rollback never takes an entry already answered, and the tails read back from SQLite after
 //! one are whole.
 //!
+//! The log is two files ([`ENTRY_LOG_FILES`]). When the one frames go to is full, the writer
+//! thread writes its entries into SQLite on a connection of its own, without the database
+//! (the tails, the entries in memory, the serving connection) in hand, while batches go on
+//! into the other file; once that transaction commits, the full file is emptied, and the two
+//! change places when the other fills. With one file, every batch that came during that
+//! write waited for it (0.3 ms at 64 KiB, over 1 ms at 256 KiB), and at 10 000 messages/s
+//! the messages whose batches had waited so were a large part of those slower than 0.2 ms
+//! (`BENCHMARKS.md`).
+//!
 //! The log survives what a commit does (see [`super::Durability`]): the process being
 //! killed, since the `write` is in the operating system's hands once it returns; and, with
 //! [`super::Durability::Power`], a power loss, since each `write` is then followed by
@@ -33,17 +42,18 @@ use rusqlite::Connection;
 use super::chunks::Pending;
 use crate::{Durability, Result, StoreError};
 
-/// The file the entry log is kept in, inside the data directory.
-pub const ENTRY_LOG_FILE: &str = "iagent.entries";
+/// The files the entry log is kept in, inside the data directory. Batches go to one of them
+/// while the entries of the other, which filled, are written into SQLite by the writer thread
+/// with the database let go; then the two change places.
+pub const ENTRY_LOG_FILES: [&str; 2] = ["iagent.entries", "iagent.entries.2"];
 
-/// How many KiB of entries, by default, the log holds before they are written into
-/// `history_chunks`: about 260 echoes of short texts (eight chunks). That write is one
-/// transaction for all of them instead of one a batch, and it holds up the batches behind it
-/// for its length: at 256 KiB, 1.0 to 1.6 ms each time (its commit about 0.7 ms), which at
-/// 10 000 messages/s delayed a message or ten every tenth of a second; a quarter of it takes
-/// about a quarter as long (rarely over 0.4 ms, once the checkpointer began each fresh WAL
-/// itself: see [`super::checkpoint`]), and the transaction it still saves per message is
-/// nearly all of one. At 16 KiB the CPU per message was 1.04x, four pairs.
+/// How many KiB of entries, by default, each file of the log holds before they are written
+/// into `history_chunks`: about 260 echoes of short texts (eight chunks). That write is one
+/// transaction for all of them instead of one a batch. While it ran with the database in
+/// hand, it held up the batches behind it for its length: at 256 KiB, 1.0 to 1.6 ms each
+/// time (its commit about 0.7 ms), which at 10 000 messages/s delayed a message or ten every
+/// tenth of a second; a quarter of it took about a quarter as long (rarely over 0.4 ms). At
+/// 16 KiB the CPU per message was 1.04x, four pairs.
 pub const DEFAULT_ENTRY_LOG_KIB: usize = 64;
 
 /// The bytes before a frame's entries: their length and their checksum.
@@ -54,7 +64,7 @@ const FRAME_HEADER: usize = 12;
 /// are not written again.
 const APPLIED_KEY: &str = "entry_log_through";
 
-/// Opens the log in `data_dir` and writes the entries it holds that SQLite lacks into
+/// Opens the log in `data_dir` and writes the entries its files hold that SQLite lacks into
 /// `history_chunks`, in the transaction open on `conn`; once that commits, the log is to be
 /// emptied ([`EntryLog::emptied`]).
 pub(super) fn recover(
@@ -63,7 +73,7 @@ pub(super) fn recover(
     durability: Durability,
 ) -> Result<EntryLog> {
     let sync = durability == Durability::Power;
-    let (log, mut pending) = EntryLog::open(&data_dir.join(ENTRY_LOG_FILE), sync)?;
+    let (log, mut pending) = EntryLog::open(data_dir, sync)?;
     pending.drop_through(super::meta(conn, APPLIED_KEY)?.unwrap_or(0));
     if !pending.is_empty() {
         tracing::info!(
@@ -84,87 +94,105 @@ pub(super) fn set_applied(conn: &Connection, pending: &Pending) -> Result<()> {
     }
 }
 
-/// The open log file.
+/// The log's two files, one of which takes the batches' frames.
 #[derive(Debug)]
 pub(super) struct EntryLog {
-    file: File,
-    /// The file's length: where the next frame goes, and where a failed write is cut back to.
-    len: u64,
+    files: [LogFile; 2],
+    /// The index in `files` of the one frames are written to; the other is empty, or holds
+    /// entries being written into SQLite.
+    current: usize,
     /// Whether each frame is synced to the disk before it counts as written.
     sync: bool,
 }
 
+/// One of the log's files.
+#[derive(Debug)]
+struct LogFile {
+    file: File,
+    /// The file's length: where the next frame goes, and where a failed write is cut back to.
+    len: u64,
+}
+
 impl EntryLog {
-    /// Opens the log at `path`, creating it if missing, and reads back the entries it holds,
-    /// those of every whole frame up to the first that is not (the one being written when
-    /// the process stopped: it was answered to nobody).
-    pub(super) fn open(path: &Path, sync: bool) -> Result<(Self, Pending)> {
-        let failed = |source| StoreError::DataDir {
-            path: path.to_owned(),
-            source,
+    /// Opens the log's files in `data_dir`, creating them if missing, and reads back the
+    /// entries they hold, oldest first: in each, those of every whole frame up to the first
+    /// that is not (the one being written when the process stopped: it was answered to
+    /// nobody). Frames are written to the first file from now on.
+    pub(super) fn open(data_dir: &Path, sync: bool) -> Result<(Self, Pending)> {
+        let [first, second] = ENTRY_LOG_FILES.map(|name| open_file(&data_dir.join(name)));
+        let ((first, first_entries), (second, second_entries)) = (first?, second?);
+        // Both files hold entries only if the process stopped while one was being written
+        // into SQLite; its entries are older than the other's.
+        let second_is_older = matches!(
+            (first_entries.first_id(), second_entries.first_id()),
+            (Some(first), Some(second)) if second < first
+        );
+        let (mut older, newer) = if second_is_older {
+            (second_entries, first_entries)
+        } else {
+            (first_entries, second_entries)
         };
-        let mut file = OpenOptions::new()
-            .read(true)
-            .append(true)
-            .create(true)
-            .open(path)
-            .map_err(failed)?;
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes).map_err(failed)?;
-        let (entries, whole) = read_frames(&bytes);
-        if whole < bytes.len() {
-            tracing::warn!(
-                dropped_bytes = bytes.len() - whole,
-                "the entry log ends in a frame that was not written whole; it is dropped"
-            );
-        }
-        let pending = Pending::decode(entries)?;
+        older.extend(newer);
         let log = Self {
-            file,
-            len: bytes.len() as u64,
+            files: [first, second],
+            current: 0,
             sync,
         };
-        Ok((log, pending))
+        Ok((log, older))
     }
 
-    /// Writes a frame of `entries` (encoded as [`Pending`] holds them) at the log's end, with
-    /// one `write` of the header and the entries where they are. A frame that fails is cut
-    /// off again, if it can be; the log is of no further use either way (a disk that failed
-    /// one write fails the next), and is read back up to it.
+    /// Writes a frame of `entries` (encoded as [`Pending`] holds them) at the end of the
+    /// current file, with one `write` of the header and the entries where they are. A frame
+    /// that fails is cut off again, if it can be; the log is of no further use either way (a
+    /// disk that failed one write fails the next), and is read back up to it.
     pub(super) fn append(&mut self, entries: &[u8]) -> std::io::Result<()> {
         let len = u32::try_from(entries.len())
             .map_err(|_| std::io::Error::other("a batch's entries exceed 4 GiB"))?;
         let mut header = [0; FRAME_HEADER];
         header[..4].copy_from_slice(&len.to_le_bytes());
         header[4..].copy_from_slice(&checksum(entries).to_le_bytes());
-        let written = write_both(&mut self.file, &header, entries).and_then(|()| {
+        let log = &mut self.files[self.current];
+        let written = write_both(&mut log.file, &header, entries).and_then(|()| {
             if self.sync {
-                self.file.sync_data()
+                log.file.sync_data()
             } else {
                 Ok(())
             }
         });
         match written {
             Ok(()) => {
-                self.len += (FRAME_HEADER + entries.len()) as u64;
+                log.len += (FRAME_HEADER + entries.len()) as u64;
                 Ok(())
             }
             Err(err) => {
-                self.file.set_len(self.len).ok();
+                log.file.set_len(log.len).ok();
                 Err(err)
             }
         }
     }
 
-    /// A log that writes to `file` from its start, as if it were empty: for tests of what a
-    /// failing write does.
+    /// Frames go to the other file from now on, which must be empty: the current one holds
+    /// the entries to be written into SQLite, and is emptied once they are
+    /// ([`EntryLog::clear_previous`]).
+    pub(super) fn rotate(&mut self) {
+        debug_assert_eq!(
+            self.files[1 - self.current].len,
+            0,
+            "the other file is empty"
+        );
+        self.current = 1 - self.current;
+    }
+
+    /// A log that writes to `file` from its start, as if it were empty (both its files):
+    /// for tests of what a failing write does.
     #[cfg(test)]
-    pub(super) fn writing_to(file: File) -> Self {
-        Self {
-            file,
-            len: 0,
+    pub(super) fn writing_to(file: File) -> std::io::Result<Self> {
+        let second = file.try_clone()?;
+        Ok(Self {
+            files: [file, second].map(|file| LogFile { file, len: 0 }),
+            current: 0,
             sync: false,
-        }
+        })
     }
 
     /// The log, emptied: what it held is committed.
@@ -175,12 +203,52 @@ impl EntryLog {
 
     /// Empties the log: every entry it held is in `history_chunks`, committed.
     pub(super) fn clear(&mut self) -> std::io::Result<()> {
+        self.clear_previous()?;
+        self.files[self.current].clear()
+    }
+
+    /// Empties the file frames went to before the last [`EntryLog::rotate`]: its entries are
+    /// in `history_chunks`, committed.
+    pub(super) fn clear_previous(&mut self) -> std::io::Result<()> {
+        self.files[1 - self.current].clear()
+    }
+}
+
+impl LogFile {
+    fn clear(&mut self) -> std::io::Result<()> {
         if self.len > 0 {
             self.file.set_len(0)?;
             self.len = 0;
         }
         Ok(())
     }
+}
+
+/// Opens the log file at `path`, creating it if missing, and reads back the entries of its
+/// whole frames.
+fn open_file(path: &Path) -> Result<(LogFile, Pending)> {
+    let failed = |source| StoreError::DataDir {
+        path: path.to_owned(),
+        source,
+    };
+    let mut file = OpenOptions::new()
+        .read(true)
+        .append(true)
+        .create(true)
+        .open(path)
+        .map_err(failed)?;
+    let mut bytes = Vec::new();
+    file.read_to_end(&mut bytes).map_err(failed)?;
+    let (entries, whole) = read_frames(&bytes);
+    if whole < bytes.len() {
+        tracing::warn!(
+            file = %path.display(),
+            dropped_bytes = bytes.len() - whole,
+            "an entry log file ends in a frame that was not written whole; it is dropped"
+        );
+    }
+    let len = bytes.len() as u64;
+    Ok((LogFile { file, len }, Pending::decode(entries)?))
 }
 
 /// Writes `first` and then `second` to `file`, in one `write` unless it takes only part.
@@ -277,8 +345,8 @@ mod tests {
     #[test]
     fn frames_are_read_up_to_the_first_that_is_not_whole() {
         let dir = tempfile::tempdir().expect("dir");
-        let path = dir.path().join(ENTRY_LOG_FILE);
-        let (mut log, pending) = EntryLog::open(&path, false).expect("log");
+        let path = dir.path().join(ENTRY_LOG_FILES[0]);
+        let (mut log, pending) = EntryLog::open(dir.path(), false).expect("log");
         assert!(pending.is_empty());
         log.append(b"").expect("empty frame");
         drop(log);

@@ -180,6 +180,8 @@ fn merged_head(conn: &Connection, app: &str, conversation: &str) -> Result<Optio
 pub(super) struct Appends<'a> {
     conn: &'a Connection,
     pending: &'a mut Pending,
+    /// Entries of the log's file that filled, being written into SQLite meanwhile.
+    frozen: Option<&'a Pending>,
     assumed: Assumed,
     /// Whether each record's key is looked up as it is appended, instead of assumed.
     look_up_each: bool,
@@ -196,12 +198,20 @@ impl<'a> Appends<'a> {
         Self {
             conn,
             pending,
+            frozen: None,
             assumed: Assumed::default(),
             look_up_each: false,
             logged: false,
             message: String::new(),
             reply: String::new(),
         }
+    }
+
+    /// Appends that read the entries of `frozen` too, those of the log's file that filled,
+    /// which SQLite may not hold yet.
+    pub(super) fn reading(mut self, frozen: Option<&'a Pending>) -> Self {
+        self.frozen = frozen;
+        self
     }
 
     /// From now on entries are only gathered, whatever gathers: the batch goes to the entry
@@ -249,7 +259,14 @@ impl<'a> Appends<'a> {
         id: i64,
         read: impl FnOnce(&Entry<'_>) -> Result<T>,
     ) -> Result<Option<T>> {
-        match self.pending.entry(id)? {
+        let gathered = match self.pending.entry(id)? {
+            Some(entry) => Some(entry),
+            None => match self.frozen {
+                Some(frozen) => frozen.entry(id)?,
+                None => None,
+            },
+        };
+        match gathered {
             Some(entry) => read(&entry).map(Some),
             None => chunks::find(self.conn, id, read),
         }

@@ -16,13 +16,15 @@
 //! A batch whose jobs only append entries (the echo's records) goes to the entry log instead
 //! of a transaction ([`log_batch`], [`super::entry_log`]): its jobs run with no transaction
 //! open, and their callers are answered once the entries are written to the log. Should one
-//! of them fail, or a record's key turn out to be merged, the batch runs as any other. A full
-//! log is written into SQLite by the writer thread ([`Database::ask_for_apply`]); batches that
-//! come meanwhile are handed to it, and go to the log once it is empty.
+//! of them fail, or a record's key turn out to be merged, the batch runs as any other. When a
+//! file of the log is full, its entries are frozen and written into SQLite by the writer
+//! thread on a connection of its own, without the database in hand ([`apply_frozen`]);
+//! batches go on into the log's other file meanwhile, and only a transaction waits for that
+//! write (it is the writer thread's until then).
 
 use std::ops::Deref;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Mutex, MutexGuard, mpsc};
+use std::sync::{Arc, Mutex, MutexGuard, mpsc};
 use std::thread;
 
 use rusqlite::Connection;
@@ -51,15 +53,18 @@ pub(super) struct Database {
     /// The entry log, unless the store writes every batch into SQLite: a shared store, the
     /// log turned off, or failed.
     log: Option<EntryLog>,
-    /// How many bytes of entries the log holds at most before they are written into SQLite.
+    /// How many bytes of entries a file of the log holds at most before they are written into
+    /// SQLite.
     log_bytes: usize,
+    /// The entries of the log's other file, which filled: shared with the writer thread,
+    /// which writes them into SQLite on a connection of its own ([`apply_frozen`]), and read
+    /// here until it has. While there are any, every transaction is the writer thread's, which
+    /// writes them first.
+    frozen: Option<Arc<chunks::Pending>>,
     /// Whether the tails may name entries that are gone (a batch sent to the log failed after
     /// its jobs ran): read back at the next [`begin`], once the log is written into SQLite,
     /// and no batch goes to the log, nor merge begins, until then.
     tails_stale: bool,
-    /// Whether the writer thread has been asked to write the full log into SQLite and has not
-    /// yet: it is asked once, however many batches find the log full meanwhile.
-    apply_asked: bool,
 }
 
 impl Database {
@@ -74,7 +79,7 @@ impl Database {
             log: None,
             log_bytes: 0,
             tails_stale: false,
-            apply_asked: false,
+            frozen: None,
         }
     }
 
@@ -91,7 +96,7 @@ impl Database {
             conn: &self.conn,
             history: &mut self.history,
             dedup: &mut self.dedup,
-            appends: Appends::new(&self.conn, &mut self.pending),
+            appends: Appends::new(&self.conn, &mut self.pending).reading(self.frozen.as_deref()),
         }
     }
 
@@ -116,20 +121,69 @@ impl Database {
             && jobs.iter().all(|job| job.appends_only())
     }
 
-    /// Whether the entry log holds all it may: its entries are to be written into SQLite
-    /// before another batch goes to it.
+    /// Whether the entry log's current file holds all it may, and the other one cannot take
+    /// its place yet: its entries are to be written into SQLite before another batch goes to
+    /// the log.
     pub(super) fn log_full(&self) -> bool {
         self.log.is_some() && self.pending.bytes() >= self.log_bytes
     }
 
-    /// Asks the writer thread to write the full log into SQLite, unless it was asked and has
-    /// not yet. Called by a batch on a caller's thread, which does not write it itself: there
-    /// the write (about 0.3 ms at 64 KiB) held up every connection that thread serves, and a
+    /// Whether a transaction must wait for the writer thread: it writes the entries of the
+    /// log's full file into SQLite, and a transaction begins once they are there.
+    pub(super) fn applying(&self) -> bool {
+        self.frozen.is_some()
+    }
+
+    /// If the log's current file is full and the other is empty, freezes the entries it holds
+    /// for the writer thread to write into SQLite ([`apply_frozen`]), and sends the batches
+    /// to the other file from then on; says whether it did.
+    fn freeze_if_full(&mut self) -> bool {
+        if !self.log_full() || self.frozen.is_some() {
+            return false;
+        }
+        let Some(log) = &mut self.log else {
+            return false;
+        };
+        log.rotate();
+        self.frozen = Some(Arc::new(std::mem::take(&mut self.pending)));
+        self.logged = 0;
+        true
+    }
+
+    /// Asks the writer thread to write the log's current file into SQLite if it is full.
+    /// Called by a batch on a caller's thread, which does not write it itself: there the
+    /// write (about 0.3 ms at 64 KiB) held up every connection that thread serves, and a
     /// quarter of the messages slower than 0.5 ms at 10 000 messages/s had waited during one
     /// (`BENCHMARKS.md`).
     pub(super) fn ask_for_apply(&mut self, writer: &mpsc::Sender<Work>) {
-        if self.log_full() && !std::mem::replace(&mut self.apply_asked, true) {
+        if self.freeze_if_full() {
             writer.send(Work::ApplyLog).ok();
+        }
+    }
+
+    /// The writer thread wrote `frozen` into SQLite: they are let go of, and the log's file
+    /// that held them emptied. Says whether the current file filled meanwhile, and its entries
+    /// are frozen in turn.
+    fn applied(&mut self, frozen: &Arc<chunks::Pending>) -> bool {
+        if !self
+            .frozen
+            .as_ref()
+            .is_some_and(|current| Arc::ptr_eq(current, frozen))
+        {
+            return false;
+        }
+        self.frozen = None;
+        self.clear_log(EntryLog::clear_previous);
+        self.freeze_if_full()
+    }
+
+    /// Empties what `clear` empties of the log; a log that cannot be emptied is given up.
+    fn clear_log(&mut self, clear: fn(&mut EntryLog) -> std::io::Result<()>) {
+        if let Some(log) = &mut self.log
+            && let Err(err) = clear(log)
+        {
+            tracing::error!(error = %err, "the entry log could not be emptied; every batch is written into SQLite from now on");
+            self.log = None;
         }
     }
 
@@ -149,38 +203,25 @@ impl Database {
         }
     }
 
-    /// Writes the entries the log holds into `history_chunks`, in a transaction of their own,
-    /// and empties the log. Called between batches, with no transaction open.
+    /// Writes the entries the log holds, in both its files, into `history_chunks`, in a
+    /// transaction of their own, and empties the log. Called between batches, with no
+    /// transaction open, on the writer thread if entries are frozen.
     fn apply_log(&mut self) -> Result<()> {
         debug_assert_eq!(
             self.pending.len(),
             self.logged,
             "a batch's entries are gathered"
         );
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && self.frozen.is_none() {
             return Ok(());
         }
-        transaction(&self.conn, "BEGIN IMMEDIATE")?;
-        let written = self
-            .pending
-            .write_kept(&self.conn)
-            .and_then(|()| super::entry_log::set_applied(&self.conn, &self.pending))
-            .and_then(|()| transaction(&self.conn, "COMMIT"));
-        if let Err(err) = written {
-            if !self.conn.is_autocommit() {
-                self.conn.execute_batch("ROLLBACK").ok();
-            }
-            return Err(err);
-        }
+        let mut chunk = Vec::new();
+        let parts = self.frozen.as_deref().into_iter().chain([&self.pending]);
+        write_logged(&self.conn, parts, &mut chunk)?;
         self.pending.discard();
         self.logged = 0;
-        self.apply_asked = false;
-        if let Some(log) = &mut self.log
-            && let Err(err) = log.clear()
-        {
-            tracing::error!(error = %err, "the entry log could not be emptied; every batch is written into SQLite from now on");
-            self.log = None;
-        }
+        self.frozen = None;
+        self.clear_log(EntryLog::clear);
         Ok(())
     }
 
@@ -463,7 +504,7 @@ pub(super) enum Work {
     Jobs(Vec<Box<dyn Job>>),
     /// A tail's merge is due.
     Merge,
-    /// The entry log is full: its entries are to be written into SQLite.
+    /// A file of the entry log filled: its entries, frozen, are to be written into SQLite.
     ApplyLog,
 }
 
@@ -473,19 +514,32 @@ pub(super) enum Work {
 /// merge if one is due. Jobs are handed over a few at a time, by each caller that found the
 /// database busy; run in a transaction each, they had cost a commit apiece just when the
 /// writer was behind.
-pub(super) fn write_loop(shared: &Shared, work: &mpsc::Receiver<Work>) {
+///
+/// Before it waits for more, it writes the entries of the log's file that filled into SQLite
+/// on `log_conn`, its connection for them, with the database let go ([`apply_frozen`]).
+pub(super) fn write_loop(
+    shared: &Shared,
+    work: &mpsc::Receiver<Work>,
+    log_conn: Option<&Connection>,
+) {
     let mut jobs = Vec::new();
-    while let Ok(first) = work.recv() {
+    let mut chunk = Vec::new();
+    loop {
+        if let Some(conn) = log_conn {
+            apply_frozen(shared, conn, &mut chunk);
+        }
+        let Ok(first) = work.recv() else {
+            break;
+        };
         let mut database = shared.database();
         let merge = take_handed(shared, Some(first), work, &mut jobs);
-        apply_full_log(&mut database);
         if merge {
             database = write_merge(database, shared, work, &mut jobs);
         }
         while !jobs.is_empty() {
             let mut batch: Vec<_> = jobs.drain(..jobs.len().min(MAX_BATCH)).collect();
             if log_batch(&mut database, &mut batch) {
-                apply_full_log(&mut database);
+                database.freeze_if_full();
             } else {
                 match begin(&mut database) {
                     Ok(()) => {
@@ -520,7 +574,7 @@ fn take_handed(
         match next {
             Work::Jobs(handed) => jobs.extend(handed),
             Work::Merge => merge = true,
-            // The log is written whenever it is full, asked or not (`apply_full_log`).
+            // The frozen entries are written before the writer thread waits again.
             Work::ApplyLog => {}
         }
     }
@@ -636,15 +690,53 @@ pub(super) fn log_batch(database: &mut Database, jobs: &mut Vec<Box<dyn Job>>) -
     true
 }
 
-/// Writes the entry log into SQLite if it is full; on the writer thread, which waits for the
-/// database's lock. Should that fail, the next transaction writes the log first, and no batch
-/// goes to the full log meanwhile.
-fn apply_full_log(database: &mut Database) {
-    if database.log_full()
-        && let Err(err) = database.apply_log()
-    {
-        tracing::warn!(error = %err, "entry log not written into SQLite yet");
+/// Writes the entries frozen when a file of the log filled into SQLite on `conn`, the writer
+/// thread's connection for them, with the database let go: batches go on into the log's
+/// other file meanwhile, and find the frozen entries in memory until the transaction has
+/// committed. Again if the other file filled meanwhile. A write that fails leaves them
+/// frozen, for the next transaction to write first ([`begin`], on this thread).
+fn apply_frozen(shared: &Shared, conn: &Connection, chunk: &mut Vec<u8>) {
+    let mut frozen = shared.database().frozen.clone();
+    while let Some(entries) = frozen {
+        if let Err(err) = write_logged(conn, [&*entries], chunk) {
+            tracing::warn!(error = %err, "entry log not written into SQLite yet; the next transaction writes it");
+            return;
+        }
+        let mut database = shared.database();
+        frozen = if database.applied(&entries) {
+            database.frozen.clone()
+        } else {
+            None
+        };
     }
+}
+
+/// Writes the entries of `parts`, oldest first, into `history_chunks`, and notes the newest
+/// as written, in a transaction of its own on `conn`; a failure leaves no transaction open.
+fn write_logged<'a>(
+    conn: &Connection,
+    parts: impl IntoIterator<Item = &'a chunks::Pending>,
+    chunk: &mut Vec<u8>,
+) -> Result<()> {
+    transaction(conn, "BEGIN IMMEDIATE")?;
+    let write = || {
+        let mut newest = None;
+        for part in parts {
+            part.write_chunks(conn, chunk)?;
+            if !part.is_empty() {
+                newest = Some(part);
+            }
+        }
+        if let Some(newest) = newest {
+            super::entry_log::set_applied(conn, newest)?;
+        }
+        transaction(conn, "COMMIT")
+    };
+    let written = write();
+    if written.is_err() && !conn.is_autocommit() {
+        conn.execute_batch("ROLLBACK").ok();
+    }
+    written
 }
 
 /// Runs the jobs in the transaction [`begin`] opened, commits, and answers their callers.
@@ -886,17 +978,17 @@ mod tests {
     fn a_log_that_fails_is_given_up_for_sqlite() {
         let dir = tempfile::tempdir().expect("dir");
         let mut database = database_in(dir.path());
-        let log = EntryLog::open(&dir.path().join("log"), false)
-            .expect("log")
-            .0;
+        let log = EntryLog::open(dir.path(), false).expect("log").0;
         database.log_to(log, 1 << 20);
         let (first, mut first_answer) = appending("logged");
         let mut jobs = vec![first];
         assert!(log_batch(&mut database, &mut jobs), "went to the log");
         assert!(matches!(first_answer.try_recv(), Ok(Ok(()))), "answered");
 
-        let read_only = std::fs::File::open(dir.path().join("log")).expect("read-only");
-        database.log_to(EntryLog::writing_to(read_only), 1 << 20);
+        let read_only = std::fs::File::open(dir.path().join(super::super::ENTRY_LOG_FILES[0]))
+            .expect("read-only");
+        let failing = EntryLog::writing_to(read_only).expect("log");
+        database.log_to(failing, 1 << 20);
         let (second, mut second_answer) = appending("failed to log");
         let mut jobs = vec![second];
         assert!(!log_batch(&mut database, &mut jobs), "the log failed");
