@@ -802,6 +802,7 @@ async fn echoes_in_both_files_of_the_entry_log_survive_a_kill() {
     // older entries will be in the second file.
     let mut next = 0;
     while log_lens(dir.path())[1] == 0 {
+        assert!(next < 1_000, "the second file took no echo");
         echo_counted(&store, next..next + 1, &answered)
             .await
             .unwrap();
