@@ -127,9 +127,10 @@ impl Database {
             && jobs.iter().all(|job| job.appends_only())
     }
 
-    /// Whether the entry log's current file holds all it may, and the other one cannot take
-    /// its place yet: its entries are to be written into SQLite before another batch goes to
-    /// the log.
+    /// Whether the entry log's current file holds all it may. The batch that fills it freezes
+    /// it at once if the other file is free ([`Database::ask_for_apply`]), so it stays full
+    /// only while the other's entries are still being written into SQLite: no batch goes to
+    /// the log until then.
     pub(super) fn log_full(&self) -> bool {
         self.log.is_some() && self.pending.bytes() >= self.log_bytes
     }
